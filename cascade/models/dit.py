@@ -1,0 +1,228 @@
+"""Video Diffusion Transformer on latent spacetime patches.
+
+DiT (Peebles & Xie 2023) blocks with adaLN-Zero conditioning, on ViViT (Arnab et al. 2021)
+tubelet tokens, with factorised space-time attention (ViViT model 3: spatial attention within a
+frame, then temporal attention across frames at one position) or full spacetime attention,
+3D rotary positions (RoFormer, Su et al. 2021, one frequency band per axis) or 3D sin-cos, and text
+cross-attention to the frozen encoder's tokens (PixArt-alpha style). The network is
+`net(x_t, t, cond) -> prediction`, called by the shared diffusion core.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from cascade.config import DiTConfig
+from kernels.attention import cross_attention, spacetime_attention
+from kernels.layer_norm_modulate import layer_norm_modulate
+
+# DiT's model sizes (Table 1 of the paper); the CLI and configs accept these names.
+DIT_SIZES = {
+    "S": dict(hidden=384, depth=12, heads=6),
+    "B": dict(hidden=768, depth=12, heads=12),
+    "L": dict(hidden=1024, depth=24, heads=16),
+    "XL": dict(hidden=1152, depth=28, heads=16),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of continuous t in [0, 1] (scaled to [0, 1000] as in DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]                   # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)       # (B, dim)
+
+
+def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, device=pos.device) / (dim // 2))
+    out = pos.float()[:, None] * omega[None]                            # (N, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=-1)         # (N, dim)
+
+
+def grid_positions(T: int, H: int, W: int, device) -> torch.Tensor:
+    """(T*H*W, 3) integer (t, h, w) positions of the token grid, frame-major."""
+    t, h, w = torch.meshgrid(torch.arange(T, device=device), torch.arange(H, device=device),
+                             torch.arange(W, device=device), indexing="ij")
+    return torch.stack([t, h, w], dim=-1).reshape(-1, 3)
+
+
+class Rope3D(nn.Module):
+    """3D rotary position embedding: head_dim split in three bands (time, height, width)."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.band = 2 * (head_dim // 6)                                 # rotated dims per axis
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, self.band, 2).float() / self.band),
+                             persistent=False)
+
+    def angles(self, T, H, W, device):
+        pos = grid_positions(T, H, W, device).float()                   # (N, 3)
+        ang = pos[:, :, None] * self.inv_freq[None, None]               # (N, 3, band/2)
+        return ang.reshape(T, H * W, -1)                                # (T, S, 3*band/2)
+
+    def forward(self, x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, S, heads, D); ang: (T, S, R/2) with R = 3*band rotated dims."""
+        r = ang.shape[-1] * 2
+        x_rot, x_pass = x[..., :r].float(), x[..., r:]
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]                      # (B, T, S, heads, R/2)
+        cos, sin = ang.cos()[None, :, :, None], ang.sin()[None, :, :, None]
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+        return torch.cat([out.to(x.dtype), x_pass], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection; attention over `mode` (spatial | temporal | full) by the kernels."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x, mode: str, rope: Rope3D | None, ang):
+        B, T, S, C = x.shape
+        qkv = self.qkv(x).view(B, T, S, 3, self.heads, C // self.heads)  # (B, T, S, 3, h, d)
+        q, k, v = qkv.unbind(3)                                          # strided views, no copy
+        if rope is not None:
+            q, k = rope(q, ang), rope(k, ang)
+        o = spacetime_attention(q, k, v, mode=mode)                       # (B, T, S, h, d)
+        return self.proj(o.reshape(B, T, S, C))
+
+
+class CrossAttention(nn.Module):
+    """Queries from video tokens, keys/values from text tokens plus one learned null token that is
+    always visible (so a fully dropped prompt still has a key to attend to)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q = nn.Linear(cfg.hidden, cfg.hidden)
+        self.kv = nn.Linear(cfg.hidden, 2 * cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x, text, mask):
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.heads, C // self.heads)              # (B, N, h, d)
+        k, v = self.kv(text).view(B, text.shape[1], 2, self.heads, C // self.heads).unbind(2)
+        return self.proj(cross_attention(q, k, v, key_mask=mask).reshape(B, N, C))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block (DiT eq. in Sec. 3.2): x + gate * f(LN(x) * (1 + scale) + shift)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.factorised = cfg.attention == "factorised"
+        self.attn = SelfAttention(cfg)                                   # spatial, or full
+        self.temporal = SelfAttention(cfg) if self.factorised else None
+        self.norm_cross = nn.LayerNorm(cfg.hidden, eps=1e-6)
+        self.cross = CrossAttention(cfg)
+        hidden = int(cfg.hidden * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(cfg.hidden, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, cfg.hidden))
+        self.n_mod = 9 if self.factorised else 6
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, self.n_mod * cfg.hidden))
+
+    def forward(self, x, c, text, mask, rope, ang):
+        B, T, S, C = x.shape
+        mods = self.ada(c).chunk(self.n_mod, dim=-1)                      # each (B, C)
+        flat = lambda y: y.reshape(B, T * S, C)                            # noqa: E731
+        grid = lambda y: y.reshape(B, T, S, C)                             # noqa: E731
+        sh, sc, g = mods[0:3]
+        x = x + g[:, None, None] * self.attn(grid(layer_norm_modulate(flat(x), sh, sc)),
+                                             "spatial" if self.factorised else "full", rope, ang)
+        if self.factorised:
+            sh, sc, g = mods[3:6]
+            x = x + g[:, None, None] * self.temporal(grid(layer_norm_modulate(flat(x), sh, sc)),
+                                                     "temporal", rope, ang)
+        x = x + grid(self.cross(self.norm_cross(flat(x)), text, mask))
+        sh, sc, g = mods[-3:]
+        return x + g[:, None, None] * grid(self.mlp(layer_norm_modulate(flat(x), sh, sc)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig, out_channels: int):
+        super().__init__()
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 2 * cfg.hidden))
+        self.linear = nn.Linear(cfg.hidden, cfg.patch_t * cfg.patch_h * cfg.patch_w * out_channels)
+
+    def forward(self, x, c):
+        sh, sc = self.ada(c).chunk(2, dim=-1)
+        return self.linear(layer_norm_modulate(x, sh, sc))
+
+
+class VideoDiT(nn.Module):
+    """net(x (B, C, T, H, W), t (B,), cond {text (B, L, Dt), text_mask (B, L), pooled (B, Dt)})."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        pt, ph, pw = cfg.patch_t, cfg.patch_h, cfg.patch_w
+        # interp stage: noisy latents + keyframe latents at their slots + a 0/1 frame mask (Video LDM)
+        self.in_channels = cfg.in_channels * 2 + 1 if cfg.cond_frames else cfg.in_channels
+        self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
+        self.patch = nn.Linear(self.in_channels * pt * ph * pw, cfg.hidden)   # tubelet embedding
+        self.t_embed = nn.Sequential(nn.Linear(256, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden))
+        self.pooled_embed = nn.Linear(cfg.text_dim, cfg.hidden)
+        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.hidden), nn.GELU(approximate="tanh"),
+                                       nn.Linear(cfg.hidden, cfg.hidden))
+        self.null_token = nn.Parameter(torch.randn(1, 1, cfg.hidden) * 0.02)
+        self.rope = Rope3D(cfg.hidden // cfg.heads) if cfg.pos == "rope" else None
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg, self.out_channels)
+        self.initialize()
+
+    def initialize(self):
+        """DiT's init: xavier linears, zero adaLN modulations and zero output layer (adaLN-Zero)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embed[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed[2].weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.ada[-1].weight)
+            nn.init.zeros_(blk.ada[-1].bias)
+            nn.init.zeros_(blk.cross.proj.weight)
+        nn.init.zeros_(self.final.ada[-1].weight)
+        nn.init.zeros_(self.final.ada[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+
+    def check_shape(self, T: int, H: int, W: int) -> None:
+        c = self.cfg
+        if T % c.patch_t or H % c.patch_h or W % c.patch_w:
+            raise ValueError(f"latent size {T}x{H}x{W} is not divisible by the patch size "
+                             f"{c.patch_t}x{c.patch_h}x{c.patch_w}")
+
+    def forward(self, x, t, cond):
+        c = self.cfg
+        B, _, T, H, W = x.shape
+        self.check_shape(T, H, W)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]}")
+        Tp, Hp, Wp = T // c.patch_t, H // c.patch_h, W // c.patch_w
+        tok = rearrange(x, "b c (t pt) (h ph) (w pw) -> b t (h w) (c pt ph pw)",
+                        pt=c.patch_t, ph=c.patch_h, pw=c.patch_w)
+        h = self.patch(tok)                                                # (B, Tp, S, C)
+        ang = None
+        if self.rope is not None:
+            ang = self.rope.angles(Tp, Hp, Wp, x.device)                   # (Tp, S, R/2)
+        else:
+            pos = grid_positions(Tp, Hp, Wp, x.device)
+            d = c.hidden // 3 // 2 * 2
+            pe = torch.cat([sincos_1d(pos[:, i], d) for i in range(3)], -1)
+            h = h + F.pad(pe, (0, c.hidden - 3 * d)).view(1, Tp, Hp * Wp, c.hidden).to(h.dtype)
+        emb = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.pooled_embed(cond["pooled"])
+        text = torch.cat([self.null_token.expand(B, -1, -1), self.text_proj(cond["text"])], dim=1)
+        mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device),
+                          cond["text_mask"].bool()], dim=1)                # (B, 1 + L)
+        for blk in self.blocks:
+            h = blk(h, emb, text, mask, self.rope, ang)
+        out = self.final(h.reshape(B, Tp * Hp * Wp, c.hidden), emb)        # (B, N, p*Cout)
+        return rearrange(out, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
+                         t=Tp, h=Hp, w=Wp, pt=c.patch_t, ph=c.patch_h, pw=c.patch_w)
