@@ -164,7 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # key=value overrides may come after flags; the deepspeed launcher may add --local_rank=N
+    rest = [r for r in rest if not r.startswith("--local_rank")]
+    extra = [r for r in rest if "=" in r and not r.startswith("-")]
+    if len(extra) < len(rest) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     from cascade.config import ConfigError
     try:
         args.fn(args)

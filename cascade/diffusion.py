@@ -1,0 +1,342 @@
+"""The shared diffusion core: schedules, parameterisations, loss, guidance, samplers.
+
+Notation (Kingma et al. 2021 "VDM"; Salimans & Ho 2022; diffusers' DDIM `step` maps the same way):
+
+    t in [0, 1]            time; t=1 is pure noise, t=0 is data
+    logsnr = log(alpha^2 / sigma^2)          the schedule is a function t -> logsnr
+    alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr)      variance preserving: alpha^2 + sigma^2 = 1
+    x_t = alpha * x0 + sigma * eps                             forward process q(x_t | x0)
+    v   = alpha * eps - sigma * x0                             v-prediction (Imagen Video)
+    lambda = logsnr / 2 = log(alpha / sigma)                   DPM-Solver's half log-SNR
+    D(x_t, t) = E[x0 | x_t]                                    the denoiser every sampler calls
+
+Every stage's network is called as `net(x_t, t, cond) -> prediction` with t a (B,) tensor in
+[0, 1] and cond a dict of tensors batched along dim 0; the prediction is v, eps or x0 by config.
+
+Samplers share one signature, `sampler(denoise, x, ts, generator=None, progress=False) -> x0`
+(k-diffusion style). `denoise(x, t) -> x0_hat` carries the schedule it was built with as
+`denoise.logsnr` (t -> logsnr); `guided_denoiser` sets it, hand-written denoisers must too.
+A step whose next time is exactly 0 lands on the data: it returns the denoised x0.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from cascade.config import DiffusionConfig
+
+LOGSNR_MIN, LOGSNR_MAX = -15.0, 15.0
+PREDICTIONS = ("v", "eps", "x0")
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def _cosine_t_range(logsnr_min: float, logsnr_max: float) -> tuple[float, float]:
+    """Angles u = atan(exp(-logsnr/2)) at the clamped ends: the cosine schedule is t -> u linearly."""
+    return math.atan(math.exp(-0.5 * logsnr_max)), math.atan(math.exp(-0.5 * logsnr_min))
+
+
+def logsnr_cosine(t: torch.Tensor, logsnr_min: float = LOGSNR_MIN,
+                  logsnr_max: float = LOGSNR_MAX) -> torch.Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021) in log-SNR form, -2 log tan(pi t / 2), with t mapped
+    into the range where logsnr stays in [logsnr_min, logsnr_max] (Hoogeboom et al. 2023, simple
+    diffusion, Alg. 1): logsnr(0) = logsnr_max, logsnr(1) = logsnr_min, logsnr(1/2) = 0."""
+    u_min, u_max = _cosine_t_range(logsnr_min, logsnr_max)
+    return -2.0 * torch.log(torch.tan(u_min + t * (u_max - u_min)))
+
+
+def logsnr_shifted_cosine(t: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+    """Shifted cosine (simple diffusion, Sec. 3.1): logsnr_cosine(t) + 2 log(1 / shift).
+
+    Sign: shift > 1 lowers the log-SNR at every t (noisier), as a resolution of shift x the base
+    resolution needs (simple diffusion's shift is base/res = 1/shift). The whole range moves with
+    it: logsnr(0) = 15 - 2 log(shift), logsnr(1) = -15 - 2 log(shift)."""
+    return logsnr_cosine(t) - 2.0 * math.log(shift)
+
+
+def t_from_logsnr(logsnr: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+    """Inverse of `logsnr_shifted_cosine` (shift=1: of `logsnr_cosine`), clamped to [0, 1]."""
+    u_min, u_max = _cosine_t_range(LOGSNR_MIN, LOGSNR_MAX)
+    u = torch.atan(torch.exp(-0.5 * (logsnr + 2.0 * math.log(shift))))
+    return ((u - u_min) / (u_max - u_min)).clamp(0.0, 1.0)
+
+
+def alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) with alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr)."""
+    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+
+
+def time_grid(steps: int, device=None) -> torch.Tensor:
+    """Default sampling grid: `steps` + 1 times uniform from 1 to 0, i.e. `steps` network calls."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(1.0, 0.0, steps + 1, device=device)  # (steps+1,)
+
+
+# ----------------------------------------------------------------------------- parameterisations
+
+def x0_eps_from_pred(pred, x_t, alpha, sigma, prediction: str):
+    """A network output of kind `prediction` -> (x0, eps); alpha, sigma broadcast against x_t.
+
+    v:   x0 = alpha x_t - sigma v,     eps = sigma x_t + alpha v    (Salimans & Ho 2022, Sec. 4)
+    eps: x0 = (x_t - sigma eps) / alpha
+    x0:  eps = (x_t - alpha x0) / sigma
+    """
+    if prediction == "v":
+        return alpha * x_t - sigma * pred, sigma * x_t + alpha * pred
+    if prediction == "eps":
+        return (x_t - sigma * pred) / alpha, pred
+    if prediction == "x0":
+        return pred, (x_t - alpha * pred) / sigma
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got '{prediction}'")
+
+
+def pred_from_x0_eps(x0, eps, alpha, sigma, prediction: str):
+    """(x0, eps) -> the network's target of kind `prediction` (v = alpha eps - sigma x0)."""
+    if prediction == "v":
+        return alpha * eps - sigma * x0
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got '{prediction}'")
+
+
+def min_snr_weight(logsnr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 8 and its v/eps forms), per sample.
+
+    The weight on the MSE in the prediction's space that equals min(snr, gamma) * ||x0 - x0_hat||^2:
+    v: min(snr, gamma) / (snr + 1);  eps: min(snr, gamma) / snr;  x0: min(snr, gamma).
+    gamma <= 0 turns weighting off (plain MSE in the prediction's space)."""
+    if gamma <= 0:
+        return torch.ones_like(logsnr)
+    snr = logsnr.exp()
+    clipped = snr.clamp(max=gamma)
+    return {"v": clipped / (snr + 1), "eps": clipped / snr, "x0": clipped}[prediction]
+
+
+def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return a.reshape(-1, *([1] * (x.dim() - 1)))  # (B,) -> (B, 1, ..., 1)
+
+
+def _randn(shape, like: torch.Tensor, generator=None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (reproducible), moved to `like`'s."""
+    dev = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
+
+
+# ----------------------------------------------------------------------------- the core
+
+class Diffusion:
+    """The schedule and the prediction type of one stage, and what is built from them."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        if cfg.prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction: '{cfg.prediction}' is not one of {PREDICTIONS}")
+        if cfg.schedule == "cosine":
+            self.logsnr = logsnr_cosine                                   # t -> logsnr
+        elif cfg.schedule == "shifted_cosine":
+            self.logsnr = functools.partial(logsnr_shifted_cosine, shift=cfg.shift)
+        else:
+            raise ValueError(f"diffusion.schedule: '{cfg.schedule}' is not one of cosine, shifted_cosine")
+        if cfg.sampler not in SAMPLERS:
+            raise ValueError(f"diffusion.sampler: '{cfg.sampler}' is not one of {', '.join(SAMPLERS)}")
+        self.cfg = cfg
+        self.prediction = cfg.prediction
+
+    def _alpha_sigma(self, t, x):
+        alpha, sigma = alpha_sigma(self.logsnr(t))                         # (B,), (B,)
+        return _bcast(alpha, x), _bcast(sigma, x)
+
+    def q_sample(self, x0, t, noise):
+        """x_t = alpha_t x0 + sigma_t eps (forward process q(x_t | x0))."""
+        alpha, sigma = self._alpha_sigma(t, x0)
+        return alpha * x0 + sigma * noise
+
+    def denoise(self, net, x_t, t, cond):
+        """D(x_t, t) = x0_hat: one network call, its output converted to x0."""
+        alpha, sigma = self._alpha_sigma(t, x_t)
+        return x0_eps_from_pred(net(x_t, t, cond), x_t, alpha, sigma, self.prediction)[0]
+
+    def loss(self, net, x0, cond, t=None, noise=None, generator=None):
+        """Training loss: batch mean of w(t) * ||pred - target||^2 (mean over the non-batch dims),
+        target in the prediction's space, w the min-SNR-gamma weight (`min_snr_weight`).
+
+        t ~ U[0, 1] per sample and noise ~ N(0, I) are drawn (t first, then noise, from
+        `generator` when given) unless passed in."""
+        B = x0.shape[0]
+        if t is None:
+            dev = generator.device if generator is not None else x0.device
+            t = torch.rand(B, generator=generator, device=dev).to(x0.device)  # (B,)
+        if noise is None:
+            noise = _randn(x0.shape, x0, generator)                        # (B, ...)
+        logsnr = self.logsnr(t)                                            # (B,)
+        alpha, sigma = (_bcast(a, x0) for a in alpha_sigma(logsnr))
+        x_t = alpha * x0 + sigma * noise
+        target = pred_from_x0_eps(x0, noise, alpha, sigma, self.prediction)
+        mse = (net(x_t, t, cond).float() - target.float()).square().flatten(1).mean(1)  # (B,)
+        return (min_snr_weight(logsnr, self.cfg.min_snr_gamma, self.prediction) * mse).mean()
+
+    def noise_augment(self, x_cond, t_aug, generator=None):
+        """Conditioning augmentation (Ho et al. 2022, CDM Sec. 3; Imagen Video Sec. 2.5): noise the
+        conditioning signal to level t_aug with this schedule; the network also gets t_aug.
+        t_aug: (B,) tensor or a float for the whole batch. Returns (x_noisy, t_aug (B,))."""
+        B = x_cond.shape[0]
+        t_aug = torch.as_tensor(t_aug, dtype=torch.float32, device=x_cond.device)
+        t_aug = t_aug.expand(B) if t_aug.dim() == 0 else t_aug             # (B,)
+        return self.q_sample(x_cond, t_aug, _randn(x_cond.shape, x_cond, generator)), t_aug
+
+    @torch.no_grad()
+    def sample(self, net, noise, cond, uncond=None, steps=None, guidance=None, sampler=None,
+               progress=False, generator=None):
+        """Draw x0 from noise at t=1: the guided denoiser run by a sampler over `time_grid(steps)`.
+        None falls back to the config's steps / guidance / sampler."""
+        steps = self.cfg.steps if steps is None else steps
+        guidance = self.cfg.guidance if guidance is None else guidance
+        sampler = self.cfg.sampler if sampler is None else sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: '{sampler}' is not one of {', '.join(SAMPLERS)}")
+        denoise = guided_denoiser(net, cond, uncond, guidance, self)
+        return SAMPLERS[sampler](denoise, noise, time_grid(steps, noise.device),
+                                 generator=generator, progress=progress)
+
+
+# ----------------------------------------------------------------------------- guidance
+
+def guided_denoiser(net, cond: dict, uncond: dict | None, scale: float, diffusion: Diffusion):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6) as a denoiser D(x, t) -> x0_hat:
+
+        x0_hat = x0_uncond + scale * (x0_cond - x0_uncond)
+
+    cond and uncond go through the network in ONE call: x, t and every cond tensor concatenated
+    along dim 0 (uncond tensors of batch 1 are broadcast). Combined in x0 space, which is the same
+    as combining v or eps: each is affine in the other with the same (x_t, t) coefficients and the
+    guidance weights sum to 1. scale == 1 or uncond None: a single unguided call."""
+    guided = uncond is not None and scale != 1
+    if guided and set(uncond) != set(cond):
+        raise ValueError(f"uncond keys {sorted(uncond)} differ from cond keys {sorted(cond)}")
+
+    def denoise(x, t):
+        if not guided:
+            return diffusion.denoise(net, x, t, cond)
+        B = x.shape[0]
+        both = {k: torch.cat([cond[k], uncond[k].expand(B, *uncond[k].shape[1:])]) for k in cond}
+        x0 = diffusion.denoise(net, torch.cat([x, x]), torch.cat([t, t]), both)  # (2B, ...)
+        x0_cond, x0_uncond = x0.chunk(2)
+        return x0_uncond + scale * (x0_cond - x0_uncond)
+
+    denoise.logsnr = diffusion.logsnr
+    return denoise
+
+
+def drop_condition(cond: dict, null_cond: dict, p: float, generator=None) -> dict:
+    """Condition dropout for classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each
+    sample's cond is replaced, with probability p, by the null condition (every key; null_cond
+    rows of batch 1 or B). Returns a new dict."""
+    B = next(iter(cond.values())).shape[0]
+    dev = generator.device if generator is not None else None
+    drop = torch.rand(B, generator=generator, device=dev) < p              # (B,)
+    out = {}
+    for k, c in cond.items():
+        null = null_cond[k].to(c.device, c.dtype).expand(B, *c.shape[1:])
+        out[k] = torch.where(_bcast(drop.to(c.device), c), null, c)
+    return out
+
+
+# ----------------------------------------------------------------------------- samplers
+
+def _levels(denoise, ts):
+    """alpha_i, sigma_i, lambda_i at every grid time, in float64 (exact enough near t=0 and 1)."""
+    if not hasattr(denoise, "logsnr"):
+        raise TypeError("denoise must carry its schedule as `denoise.logsnr` (t -> logsnr); "
+                        "build it with guided_denoiser")
+    logsnr = denoise.logsnr(ts.double())                                   # (N+1,)
+    alpha, sigma = alpha_sigma(logsnr)
+    return alpha, sigma, logsnr / 2
+
+
+def _loop(ts, progress, name):
+    return tqdm(range(len(ts) - 1), desc=name, disable=not progress, leave=False)
+
+
+@torch.no_grad()
+def sample_ddim(denoise, x, ts, generator=None, progress=False):
+    """DDIM, eta = 0 (Song et al. 2021, eq. 12): deterministic, first order in the probability flow.
+
+    For t = ts[i] -> s = ts[i+1]:
+        1. x0_hat  = D(x_t, t)
+        2. eps_hat = (x_t - alpha_t x0_hat) / sigma_t
+        3. x_s     = alpha_s x0_hat + sigma_s eps_hat            (s = 0: x_s = x0_hat)
+    """
+    alpha, sigma, _ = _levels(denoise, ts)
+    for i in _loop(ts, progress, "ddim"):
+        x0 = denoise(x, ts[i].expand(x.shape[0]))
+        if ts[i + 1] == 0:
+            x = x0
+            continue
+        eps = (x - alpha[i] * x0) / sigma[i]
+        x = alpha[i + 1] * x0 + sigma[i + 1] * eps
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise, x, ts, generator=None, progress=False):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep in lambda = logsnr / 2.
+
+    For t = ts[i] -> s = ts[i+1], h = lambda_s - lambda_t:
+        1. x0_hat = D(x_t, t)
+        2. D = x0_hat on the first step; else, with r = h_prev / h,
+           D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev
+        3. x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D  (s = 0: x_s = x0_hat)
+    """
+    alpha, sigma, lam = _levels(denoise, ts)
+    x0_prev = h_prev = None
+    for i in _loop(ts, progress, "dpmpp_2m"):
+        x0 = denoise(x, ts[i].expand(x.shape[0]))
+        if ts[i + 1] == 0:
+            x = x0
+            continue
+        h = lam[i + 1] - lam[i]
+        if x0_prev is None:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * torch.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoise, x, ts, generator=None, progress=False):
+    """Ancestral sampling (Ho et al. 2020, eq. 6-7 with x0 = D(x_t, t); = DDIM with eta = 1), written
+    as k-diffusion's euler_ancestral: a deterministic step down to sigma_down, then fresh noise of
+    std sigma_up, sigma_down^2 + sigma_up^2 = sigma_s^2. Stochastic: draws from `generator`.
+
+    For t = ts[i] -> s = ts[i+1]:
+        1. x0_hat     = D(x_t, t),  eps_hat = (x_t - alpha_t x0_hat) / sigma_t
+        2. sigma_down = sigma_s^2 alpha_t / (alpha_s sigma_t)   (= sigma_s e^{-(lambda_s - lambda_t)})
+           sigma_up   = sqrt(sigma_s^2 - sigma_down^2)          (the std of q(x_s | x_t, x0))
+        3. x_s = alpha_s x0_hat + sigma_down eps_hat + sigma_up z,  z ~ N(0, I)  (s = 0: x_s = x0_hat)
+    """
+    alpha, sigma, _ = _levels(denoise, ts)
+    for i in _loop(ts, progress, "euler_ancestral"):
+        x0 = denoise(x, ts[i].expand(x.shape[0]))
+        if ts[i + 1] == 0:
+            x = x0
+            continue
+        eps = (x - alpha[i] * x0) / sigma[i]
+        sigma_down = sigma[i + 1] ** 2 * alpha[i] / (alpha[i + 1] * sigma[i])
+        sigma_up = (sigma[i + 1] ** 2 - sigma_down ** 2).clamp(min=0).sqrt()
+        x = alpha[i + 1] * x0 + sigma_down * eps + sigma_up * _randn(x.shape, x, generator)
+    return x
+
+
+SAMPLERS = {
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler_ancestral": sample_euler_ancestral,
+}
