@@ -27,9 +27,17 @@ def read_log(path):
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def run_cli(args, env_extra=None, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
-    env.pop("TRITON_INTERPRET", None)
+def clean_env():
+    """The parent's environment without its own process-group variables (an in-process run in
+    this pytest session set them) and without the interpreter switch."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for k in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TRITON_INTERPRET"):
+        env.pop(k, None)
+    return env
+
+
+def run_cli(args, **kw):
+    env = clean_env()
     return subprocess.Popen([sys.executable, "-m", "cascade.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -96,8 +104,7 @@ def test_two_processes_zero2_match_one_process(tmp_path):
                    "--no-progress"])
     out1, _ = one.communicate(timeout=300)
     assert one.returncode == 0, out1
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
+    env = clean_env()
     launcher = Path(sys.executable).with_name("deepspeed")
     two = subprocess.run([str(launcher), "--num_gpus", "2", "--no_local_rank", "--master_port",
                           str(29500 + os.getpid() % 1000), "--module", "cascade.cli", "train", *args,
