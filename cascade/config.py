@@ -76,6 +76,41 @@ class DiTConfig:
 
 
 @dataclass
+class UNetConfig:
+    """Video U-Net of the SR stage (Imagen Video SSR); the network lives in cascade/models/unet.py."""
+    in_channels: int = 3
+    channels: int = 32                  # width of the first (highest-resolution) level
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])   # one per level
+    num_res_blocks: int = 1             # per level, encoder and decoder
+    attn_levels: list[int] = field(default_factory=lambda: [2])  # levels with temporal + cross attention
+    heads: int = 4
+    text_dim: int = 384
+    groups: int = 8                     # GroupNorm groups
+    temporal_kernel: int = 3            # kt of the (2+1)D convs (1: no temporal conv)
+
+
+@dataclass
+class InterpConfig:
+    """Temporal interpolation in latent space (Video LDM, Blattmann et al. 2023, Sec. 3.1.2).
+
+    The stage's dit.frames N = (K-1)*rate + 1 latent frames; K keyframes sit at frames 0, r, 2r, ..."""
+    rate: int = 4                   # r: frames per keyframe interval (r-1 new frames between two keys)
+    aug_max: float = 0.3            # training: keyframes noise-augmented to t_aug ~ U(0, aug_max)
+    aug_sample: float = 0.1         # sampling: the fixed augmentation level of the keyframes
+
+
+@dataclass
+class SRConfig:
+    """Spatial super-resolution in pixel space (Imagen Video SSR, with conditioning augmentation)."""
+    scale: int = 2                  # high-res = scale x low-res (data.height/width are the high res)
+    downsample: str = "area"        # training: how the low-res input is made (area | bilinear, antialiased)
+    aug_max: float = 0.3            # training: low-res input noise-augmented to t_aug ~ U(0, aug_max)
+    aug_sample: float = 0.1         # sampling: the fixed augmentation level of the low-res input
+    window: int = 8                 # sampling: temporal window in frames (longer videos: windowed)
+    overlap: int = 2                # sampling: frames shared by neighbouring windows
+
+
+@dataclass
 class DiffusionConfig:
     schedule: str = "cosine"        # cosine | shifted_cosine
     shift: float = 1.0              # shifted_cosine: log-SNR shift = 2*log(shift)
@@ -118,11 +153,14 @@ class StageConfig:
     text: TextConfig = field(default_factory=TextConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    interp: InterpConfig = field(default_factory=InterpConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-STAGES = ("vae", "base")
+STAGES = ("vae", "base", "interp", "sr")
 CHOICES = {
     "data.kind": ("synthetic", "folder"),
     "dit.attention": ("factorised", "full"),
@@ -131,6 +169,7 @@ CHOICES = {
     "diffusion.prediction": ("v", "eps", "x0"),
     "diffusion.sampler": ("ddim", "dpmpp_2m", "euler_ancestral"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "sr.downsample": ("area", "bilinear"),
 }
 
 
@@ -159,7 +198,7 @@ def validate(cfg: StageConfig) -> StageConfig:
                           f"(one per downsampling), got {len(cfg.vae.temporal_down)}")
     down = 2 ** (len(cfg.vae.channel_mults) - 1)
     for axis in ("height", "width"):
-        if _get(cfg.data, axis) % down:
+        if cfg.stage != "sr" and _get(cfg.data, axis) % down:              # sr has no VAE
             raise ConfigError(f"data.{axis}: {_get(cfg.data, axis)} is not divisible by the VAE's "
                               f"spatial downsampling {down}")
     d = cfg.dit
@@ -168,7 +207,72 @@ def validate(cfg: StageConfig) -> StageConfig:
     if d.height % d.patch_h or d.width % d.patch_w or d.frames % d.patch_t:
         raise ConfigError(f"dit: latent size {d.frames}x{d.height}x{d.width} is not divisible by the "
                           f"patch size {d.patch_t}x{d.patch_h}x{d.patch_w}")
+    if cfg.stage in ("base", "interp") and d.cond_frames != (cfg.stage == "interp"):
+        raise ConfigError(f"dit.cond_frames: must be {str(cfg.stage == 'interp').lower()} for the "
+                          f"'{cfg.stage}' stage (only interp takes keyframe latents as input)")
+    if cfg.stage == "interp":
+        _validate_interp(cfg)
+    if cfg.stage == "sr":
+        _validate_sr(cfg)
     return cfg
+
+
+def interp_frames_error(frames: int, rate: int) -> str | None:
+    """Why `frames` cannot be an interpolation target at this rate (None if it can): the target
+    must hold K >= 2 keyframes at 0, r, ..., (K-1)r and nothing past the last, N = (K-1)*r + 1."""
+    if rate < 1:
+        return f"rate must be >= 1, got {rate}"
+    if frames < rate + 1 or (frames - 1) % rate:
+        ok = ", ".join(str(k * rate + 1) for k in (1, 2, 3))
+        return (f"{frames} frames are not (K-1)*rate+1 with K >= 2 keyframes at rate {rate} "
+                f"(use {ok}, ...)")
+    return None
+
+
+def _validate_interp(cfg: StageConfig) -> None:
+    i = cfg.interp
+    if i.rate < 1:
+        raise ConfigError(f"interp.rate: must be >= 1, got {i.rate}")
+    for key in ("aug_max", "aug_sample"):
+        if not 0.0 <= getattr(i, key) <= 1.0:
+            raise ConfigError(f"interp.{key}: must be in [0, 1], got {getattr(i, key)}")
+    err = interp_frames_error(cfg.dit.frames, i.rate)
+    if err:
+        raise ConfigError(f"dit.frames: {err}")
+
+
+def _validate_sr(cfg: StageConfig) -> None:
+    s, u = cfg.sr, cfg.unet
+    if s.scale < 1:
+        raise ConfigError(f"sr.scale: must be >= 1, got {s.scale}")
+    for key in ("aug_max", "aug_sample"):
+        if not 0.0 <= getattr(s, key) <= 1.0:
+            raise ConfigError(f"sr.{key}: must be in [0, 1], got {getattr(s, key)}")
+    if s.window < 1 or not 0 <= s.overlap < s.window:
+        raise ConfigError(f"sr.overlap: need sr.window >= 1 and 0 <= sr.overlap < sr.window, got "
+                          f"window={s.window}, overlap={s.overlap}")
+    for key in ("unet.channels", "unet.heads", "unet.groups", "unet.num_res_blocks",
+                "unet.temporal_kernel"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    if not u.channel_mults:
+        raise ConfigError("unet.channel_mults: needs at least one level")
+    if any(not 0 <= lvl < len(u.channel_mults) for lvl in u.attn_levels):
+        raise ConfigError(f"unet.attn_levels: {u.attn_levels} must be level indices in "
+                          f"0..{len(u.channel_mults) - 1}")
+    for m in u.channel_mults:
+        ch = u.channels * m
+        if m <= 0 or ch % u.groups or ch % u.heads or ch // u.heads > 128:
+            raise ConfigError(f"unet.channel_mults: a level's {ch} channels must divide into "
+                              f"unet.groups={u.groups} and unet.heads={u.heads} of at most 128 channels")
+    down = 2 ** (len(u.channel_mults) - 1)
+    for axis in ("height", "width"):
+        size = getattr(cfg.data, axis)
+        if size % s.scale:
+            raise ConfigError(f"data.{axis}: {size} (the high resolution) is not divisible by "
+                              f"sr.scale={s.scale}")
+        if size % down:
+            raise ConfigError(f"data.{axis}: {size} is not divisible by the U-Net's downsampling {down}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (),

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cascade.config import ConfigError, StageConfig, load_config
+from cascade.config import ConfigError, StageConfig, interp_frames_error, load_config
 
 
 def sample_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
@@ -28,6 +29,26 @@ def per_sample_randn(gens, shape) -> torch.Tensor:
 
 def per_sample_rand(gens) -> torch.Tensor:
     return torch.cat([torch.rand(1, generator=g) for g in gens])           # (B,)
+
+
+def text_condition(text, captions: list[str], gens, cond_drop: float, device) -> dict:
+    """Frozen text encoding with classifier-free-guidance dropout (Ho & Salimans 2022, Alg. 1):
+    each sample's {text, text_mask, pooled} is replaced by the null condition with probability
+    cond_drop, decided by one uniform draw from the sample's generator."""
+    cond = text(captions)
+    null = text.null(len(gens))
+    drop = (per_sample_rand(gens) < cond_drop).to(device)                   # (B,)
+    for k in cond:
+        m = drop.view(-1, *([1] * (cond[k].dim() - 1)))
+        cond[k] = torch.where(m, null[k].to(cond[k].dtype), cond[k])
+    return cond
+
+
+def noise_augment_per_sample(diffusion, x, t_aug, gens) -> torch.Tensor:
+    """Diffusion.noise_augment with each sample's noise from its own generator (so a sample's
+    augmentation does not depend on the batch it is in). x (B, ...), t_aug (B,) -> (B, ...)."""
+    return torch.cat([diffusion.noise_augment(x[i:i + 1], t_aug[i:i + 1], g)[0]
+                      for i, g in enumerate(gens)])
 
 
 def load_export(folder: str | Path, expect_stage: str | None = None):
@@ -110,12 +131,7 @@ class BaseStage:
     @torch.no_grad()
     def prepare(self, batch, gens, device) -> dict:
         x0 = self.vae.encode_latents(batch["video"].to(device))               # (B, Cz, T', h, w)
-        cond = self.text(batch["caption"])
-        null = self.text.null(len(gens))
-        drop = (per_sample_rand(gens) < self.cfg.diffusion.cond_drop).to(device)  # CFG dropout
-        for k in cond:
-            m = drop.view(-1, *([1] * (cond[k].dim() - 1)))
-            cond[k] = torch.where(m, null[k].to(cond[k].dtype), cond[k])
+        cond = text_condition(self.text, batch["caption"], gens, self.cfg.diffusion.cond_drop, device)
         t = per_sample_rand(gens).to(device)
         noise = per_sample_randn(gens, x0.shape[1:]).to(device)
         return {"x0": x0, "t": t, "noise": noise, **cond}
@@ -126,12 +142,149 @@ class BaseStage:
         return loss, {"mse": loss.detach()}
 
 
-STAGE_CLASSES = {"vae": VAEStage, "base": BaseStage}
+# ----------------------------------------------------------------------------- interp
+
+def keyframe_count(frames: int, rate: int) -> int:
+    """K for an interpolation target of N = (K-1)*rate + 1 frames; ValueError for any other N
+    (interp cannot reach it: there would be frames after the last keyframe)."""
+    err = interp_frames_error(frames, rate)
+    if err:
+        raise ValueError(f"interp: {err}")
+    return (frames - 1) // rate + 1
+
+
+def interp_condition(keyframes: torch.Tensor, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Video LDM's interpolation input (Blattmann et al. 2023, Sec. 3.1.2): K keyframe latents
+    placed at frames 0, r, ..., (K-1)r of an N = (K-1)*r + 1 frame clip, zeros elsewhere, and the
+    0/1 mask of those slots. Used by training (keyframes cut from a clip) and by sampling (the
+    base stage's keyframes).
+
+    keyframes (B, C, K, h, w), K >= 2 -> frames (B, C, N, h, w), mask (B, 1, N, h, w)."""
+    if keyframes.dim() != 5:
+        raise ValueError(f"interp_condition: keyframes must be (B, C, K, h, w), got {tuple(keyframes.shape)}")
+    B, C, K, h, w = keyframes.shape
+    if rate < 1 or K < 2:
+        raise ValueError(f"interp_condition: needs K >= 2 keyframes and rate >= 1, got K={K}, rate={rate}")
+    N = (K - 1) * rate + 1
+    frames = keyframes.new_zeros(B, C, N, h, w)
+    frames[:, :, ::rate] = keyframes
+    mask = keyframes.new_zeros(B, 1, N, h, w)
+    mask[:, :, ::rate] = 1
+    return frames, mask                                                   # (B, C, N, h, w), (B, 1, N, h, w)
+
+
+class InterpStage(BaseStage):
+    """Latent frame interpolation DiT (Video LDM Sec. 3.1.2; the DiT family of the base stage).
+
+    From a clip of N = (K-1)*r + 1 latent frames the keyframes 0, r, ..., (K-1)r are noise-augmented
+    to a per-sample level t_aug ~ U(0, interp.aug_max) (conditioning augmentation, so the stage is
+    robust to the base stage's imperfect keyframes), placed at their slots with a 0/1 mask, and
+    given to the network with t_aug (VideoDiT with cond_frames=True). Text is dropped for CFG as
+    in the base stage; the keyframes never are.
+
+    Loss: the shared diffusion loss on ALL N frames, keyframe slots included (not mask-weighted):
+    at the slots the net learns to reproduce the clean keyframe from its augmented copy, which
+    keeps one loss for every stage and lets sampling keep the network's own (denoised) keyframes."""
+
+    def __init__(self, cfg: StageConfig, device="cpu"):
+        if not cfg.dit.cond_frames:
+            raise ConfigError("dit.cond_frames: the interp stage needs dit.cond_frames=true")
+        if not cfg.train.vae_dir:
+            raise ConfigError("train.vae_dir: the interp stage needs the folder of a trained VAE export")
+        super().__init__(cfg, device)                 # frozen VAE, latent-shape check, text, DiT
+        self.keyframes = keyframe_count(cfg.dit.frames, cfg.interp.rate)
+
+    @torch.no_grad()
+    def prepare(self, batch, gens, device) -> dict:
+        inputs = super().prepare(batch, gens, device)  # x0 (B, C, N, h, w), t, noise, text (CFG)
+        r = self.cfg.interp.rate
+        keys = inputs["x0"][:, :, ::r]                                    # (B, C, K, h, w)
+        aug_t = per_sample_rand(gens).to(device) * self.cfg.interp.aug_max  # (B,) ~ U(0, aug_max)
+        frames, mask = interp_condition(noise_augment_per_sample(self.diffusion, keys, aug_t, gens), r)
+        return {**inputs, "frames": frames, "frame_mask": mask, "aug_t": aug_t}
+
+    def loss(self, net, inputs):
+        cond = {k: inputs[k] for k in ("text", "text_mask", "pooled", "frames", "frame_mask", "aug_t")}
+        loss = self.diffusion.loss(net, inputs["x0"], cond, t=inputs["t"], noise=inputs["noise"])
+        return loss, {"mse": loss.detach()}
+
+
+# ----------------------------------------------------------------------------- sr
+
+def downsample_video(video: torch.Tensor, scale: int, mode: str = "area") -> torch.Tensor:
+    """Per-frame downsampling by an integer factor: (B, C, T, H, W) -> (B, C, T, H/s, W/s).
+    area: the mean of each s x s block; bilinear: antialiased bilinear (PIL-like)."""
+    B, C, T, H, W = video.shape
+    if H % scale or W % scale:
+        raise ValueError(f"downsample_video: frame size {H}x{W} is not divisible by {scale}")
+    x = video.transpose(1, 2).reshape(B * T, C, H, W)
+    if mode == "area":
+        y = F.avg_pool2d(x, scale)
+    elif mode == "bilinear":
+        y = F.interpolate(x, size=(H // scale, W // scale), mode="bilinear", align_corners=False,
+                          antialias=True)
+    else:
+        raise ValueError(f"downsample_video: mode '{mode}' is not one of area, bilinear")
+    return y.reshape(B, T, C, H // scale, W // scale).transpose(1, 2)     # (B, C, T, H/s, W/s)
+
+
+class SRStage:
+    """Spatial super-resolution in pixel space (Imagen Video SSR, Ho et al. 2022 Sec. 2-2.5).
+
+    The batch's video at data.height x data.width is x0; the conditioning is that video brought
+    down by sr.scale (area or antialiased bilinear) and back up with `upsample_video` (bilinear),
+    noise-augmented to a per-sample t_aug ~ U(0, sr.aug_max) (CDM conditioning augmentation, the
+    level given to the net as cond["aug_t"]). Text as in the base stage, dropped for CFG. Loss:
+    the shared diffusion loss. At sampling the low-res video is upsampled the same way and
+    augmented to the fixed level sr.aug_sample."""
+
+    def __init__(self, cfg: StageConfig, device="cpu"):
+        from cascade.diffusion import Diffusion
+        from cascade.models.unet import VideoUNet
+        from cascade.text import TextEncoder
+        self.cfg = cfg
+        if cfg.unet.in_channels != 3:
+            raise ConfigError(f"unet.in_channels: the sr stage works on RGB pixels (3), "
+                              f"got {cfg.unet.in_channels}")
+        self.text = TextEncoder.from_config(cfg.text).to(device)
+        if self.text.dim != cfg.unet.text_dim:
+            raise ConfigError(f"unet.text_dim: {cfg.unet.text_dim} does not match the text encoder's "
+                              f"width {self.text.dim}")
+        self.diffusion = Diffusion(cfg.diffusion)
+        self.net = VideoUNet(cfg.unet)
+
+    def to(self, device):
+        self.text.to(device)
+        return self
+
+    def lowres(self, video: torch.Tensor) -> torch.Tensor:
+        """High-res video (B, 3, T, H, W) -> its low-res version upsampled back to H x W."""
+        from cascade.models.unet import upsample_video
+        s = self.cfg.sr
+        return upsample_video(downsample_video(video, s.scale, s.downsample), s.scale)
+
+    @torch.no_grad()
+    def prepare(self, batch, gens, device) -> dict:
+        x0 = batch["video"].to(device)                                    # (B, 3, T, H, W)
+        cond = text_condition(self.text, batch["caption"], gens, self.cfg.diffusion.cond_drop, device)
+        t = per_sample_rand(gens).to(device)
+        noise = per_sample_randn(gens, x0.shape[1:]).to(device)
+        aug_t = per_sample_rand(gens).to(device) * self.cfg.sr.aug_max     # (B,) ~ U(0, aug_max)
+        lowres = noise_augment_per_sample(self.diffusion, self.lowres(x0), aug_t, gens)
+        return {"x0": x0, "t": t, "noise": noise, **cond, "lowres": lowres, "aug_t": aug_t}
+
+    def loss(self, net, inputs):
+        cond = {k: inputs[k] for k in ("text", "text_mask", "pooled", "lowres", "aug_t")}
+        loss = self.diffusion.loss(net, inputs["x0"], cond, t=inputs["t"], noise=inputs["noise"])
+        return loss, {"mse": loss.detach()}
+
+
+STAGE_CLASSES = {"vae": VAEStage, "base": BaseStage, "interp": InterpStage, "sr": SRStage}
 
 
 def build_stage(cfg: StageConfig, device="cpu"):
-    if cfg.stage == "base":
-        return BaseStage(cfg, device)
+    if cfg.stage in ("base", "interp", "sr"):
+        return STAGE_CLASSES[cfg.stage](cfg, device)
     return STAGE_CLASSES[cfg.stage](cfg).to(device)
 
 

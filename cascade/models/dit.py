@@ -157,7 +157,13 @@ class FinalLayer(nn.Module):
 
 
 class VideoDiT(nn.Module):
-    """net(x (B, C, T, H, W), t (B,), cond {text (B, L, Dt), text_mask (B, L), pooled (B, Dt)})."""
+    """net(x (B, C, T, H, W), t (B,), cond {text (B, L, Dt), text_mask (B, L), pooled (B, Dt)}).
+
+    cond_frames=True (interp stage, Video LDM Sec. 3.1.2): cond also holds frames (B, C, T, H, W),
+    the noise-augmented keyframe latents at their slots (zeros elsewhere), frame_mask (B, 1, T, H, W)
+    or (B, 1, T, 1, 1), 1 at keyframe slots, and aug_t (B,), their augmentation level. The input
+    tokens are made from concat(x, frames, mask) along channels; aug_t gets its own timestep MLP,
+    added to the time embedding (conditioning augmentation, Ho et al. 2022 CDM Sec. 3)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -168,6 +174,8 @@ class VideoDiT(nn.Module):
         self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
         self.patch = nn.Linear(self.in_channels * pt * ph * pw, cfg.hidden)   # tubelet embedding
         self.t_embed = nn.Sequential(nn.Linear(256, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden))
+        self.aug_embed = nn.Sequential(nn.Linear(256, cfg.hidden), nn.SiLU(),
+                                       nn.Linear(cfg.hidden, cfg.hidden)) if cfg.cond_frames else None
         self.pooled_embed = nn.Linear(cfg.text_dim, cfg.hidden)
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.hidden), nn.GELU(approximate="tanh"),
                                        nn.Linear(cfg.hidden, cfg.hidden))
@@ -185,6 +193,9 @@ class VideoDiT(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.t_embed[0].weight, std=0.02)
         nn.init.normal_(self.t_embed[2].weight, std=0.02)
+        if self.aug_embed is not None:
+            nn.init.normal_(self.aug_embed[0].weight, std=0.02)
+            nn.init.normal_(self.aug_embed[2].weight, std=0.02)
         for blk in self.blocks:
             nn.init.zeros_(blk.ada[-1].weight)
             nn.init.zeros_(blk.ada[-1].bias)
@@ -199,10 +210,25 @@ class VideoDiT(nn.Module):
             raise ValueError(f"latent size {T}x{H}x{W} is not divisible by the patch size "
                              f"{c.patch_t}x{c.patch_h}x{c.patch_w}")
 
+    def concat_frames(self, x, cond):
+        """x (B, C, T, H, W) -> concat(x, cond["frames"], cond["frame_mask"]) (B, 2C+1, T, H, W)."""
+        missing = [k for k in ("frames", "frame_mask", "aug_t") if k not in cond]
+        if missing:
+            raise ValueError(f"VideoDiT with cond_frames=True needs cond keys {missing} "
+                             f"(see cascade.stages.interp_condition)")
+        frames, mask = cond["frames"], cond["frame_mask"]
+        if frames.shape != x.shape:
+            raise ValueError(f"cond['frames'] must have the shape of x {tuple(x.shape)}, "
+                             f"got {tuple(frames.shape)}")
+        B, _, T, H, W = x.shape
+        return torch.cat([x, frames.to(x.dtype), mask.to(x.dtype).expand(B, 1, T, H, W)], dim=1)
+
     def forward(self, x, t, cond):
         c = self.cfg
         B, _, T, H, W = x.shape
         self.check_shape(T, H, W)
+        if c.cond_frames:
+            x = self.concat_frames(x, cond)                                # (B, 2C+1, T, H, W)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]}")
         Tp, Hp, Wp = T // c.patch_t, H // c.patch_h, W // c.patch_w
@@ -218,6 +244,8 @@ class VideoDiT(nn.Module):
             pe = torch.cat([sincos_1d(pos[:, i], d) for i in range(3)], -1)
             h = h + F.pad(pe, (0, c.hidden - 3 * d)).view(1, Tp, Hp * Wp, c.hidden).to(h.dtype)
         emb = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.pooled_embed(cond["pooled"])
+        if self.aug_embed is not None:
+            emb = emb + self.aug_embed(timestep_embedding(cond["aug_t"], 256).to(h.dtype))
         text = torch.cat([self.null_token.expand(B, -1, -1), self.text_proj(cond["text"])], dim=1)
         mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device),
                           cond["text_mask"].bool()], dim=1)                # (B, 1 + L)

@@ -19,33 +19,18 @@ kernels replace them on a GPU with no change here. `net(x_t, t, cond) -> predict
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from cascade.config import UNetConfig
 from cascade.models.dit import sincos_1d, timestep_embedding
 from kernels.attention import cross_attention, spacetime_attention
 from kernels.conv2plus1d import conv2plus1d
 from kernels.conv3d import conv3d
 from kernels.group_norm_silu import group_norm_silu
-
-
-@dataclass
-class UNetConfig:
-    """Video U-Net of the SR stage (Imagen Video SSR)."""
-    in_channels: int = 3
-    channels: int = 32                  # width of the first (highest-resolution) level
-    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])   # one per level
-    num_res_blocks: int = 1             # per level, encoder and decoder
-    attn_levels: list[int] = field(default_factory=lambda: [2])  # levels with temporal + cross attention
-    heads: int = 4
-    text_dim: int = 384
-    groups: int = 8                     # GroupNorm groups
-    temporal_kernel: int = 3            # kt of the (2+1)D convs (1: no temporal conv)
-    scale_factor: int = 4               # low-res -> high-res (2 or 4), for upsample_video by the caller
 
 
 def conv_params(cout: int, cin: int, kt: int, kh: int, kw: int, zero: bool = False):
@@ -208,9 +193,9 @@ class VideoUNet(nn.Module):
             if i > 0:
                 self.upsample.append(Conv(chs[i], chs[i - 1], 3))         # after nearest 2x
         self.norm_out = Norm(cfg.groups, chs[0])
+        # the net starts at 0: the temporal half is zero, the spatial half is not (zeroing both
+        # would leave neither a gradient, since each one's gradient is carried by the other)
         self.conv_out = Conv2plus1d(chs[0], cfg.in_channels, 3, cfg.temporal_kernel, zero=True)
-        nn.init.zeros_(self.conv_out.ws)                                 # the net starts at 0
-        nn.init.zeros_(self.conv_out.bs)
 
     def forward(self, x, t, cond):
         B, C, T, H, W = x.shape
