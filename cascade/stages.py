@@ -98,6 +98,24 @@ class VAEStage:
         recon = net.decode(z)
         return self.loss_fn(inputs["video"], recon, post)
 
+    @torch.no_grad()
+    def finalize(self, state: dict, clips: int = 32) -> tuple[dict, dict]:
+        """Before export: set the latent scale to 1/std of the latents (LDM Sec. 4.3.2) and measure
+        held-out reconstruction PSNR, both on `clips` clips of the validation split."""
+        from cascade.data import build_dataset
+        from cascade.losses import psnr
+        from cascade.models.vae import VideoVAE
+        vae = VideoVAE(self.cfg.vae)
+        vae.load_state_dict(state)
+        vae.eval()
+        data = build_dataset(self.cfg.data, split="val")
+        videos = torch.stack([data[i]["video"] for i in range(clips)])       # (N, 3, T, H, W)
+        batches = videos.split(8)
+        scale = vae.calibrate_scale(batches)
+        recon = torch.cat([vae(v, sample=False)[0] for v in batches])
+        metrics = {"heldout_psnr_db": psnr(videos, recon).mean().item(), "latent_scale": scale}
+        return vae.state_dict(), metrics
+
 
 class BaseStage:
     """Keyframe DiT on VAE latents, text-conditioned, trained with the shared diffusion loss."""

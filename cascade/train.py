@@ -12,6 +12,8 @@ so 1 process and 2 processes train on the same samples.
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import math
 import os
 import shutil
@@ -22,8 +24,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed's import probes for CUDA and logs it; on a CPU machine that is noise, not news.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 import deepspeed  # noqa: E402
+from deepspeed.utils import logger as ds_logger  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -32,6 +37,9 @@ from tqdm import tqdm  # noqa: E402
 from cascade.config import StageConfig, save_config  # noqa: E402
 from cascade.data import build_dataset, collate  # noqa: E402
 from cascade.stages import StageLoss, build_stage, sample_generators  # noqa: E402
+
+
+ds_logger.setLevel(logging.WARNING)                 # keep DeepSpeed's INFO lines off the progress bar
 
 
 def init_distributed() -> tuple[int, int]:
@@ -100,13 +108,16 @@ class EMA:
             self.updates = int(f.metadata()["updates"])
 
 
-def export(cfg: StageConfig, ema: EMA, folder: Path) -> Path:
-    """EMA weights -> folder/model.safetensors, the stage config -> folder/config.yaml."""
+def export(cfg: StageConfig, state: dict, folder: Path, metrics: dict | None = None) -> Path:
+    """Weights -> folder/model.safetensors, the stage config -> folder/config.yaml (and the
+    stage's held-out metrics -> folder/metrics.json). Each file is written whole, then renamed."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "model.safetensors.tmp"
-    ema.save(tmp)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(folder / "model.safetensors")
     save_config(cfg, folder / "config.yaml")
+    if metrics:
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return folder
 
 
@@ -218,8 +229,12 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     bar.close()
     export_dir = out / "export"
     if rank == 0:
-        export(cfg, ema, export_dir)
-        print(f"exported EMA weights to {export_dir}")
+        state, metrics = ema.state(), {}
+        if hasattr(stage, "finalize"):             # e.g. the VAE's latent scale and held-out PSNR
+            state, metrics = stage.finalize(state)
+        export(cfg, state, export_dir, metrics)
+        print(f"exported EMA weights to {export_dir}" +
+              "".join(f"; {k} {v:.4g}" for k, v in metrics.items()))
     if world > 1:
         dist.barrier()
     return export_dir
