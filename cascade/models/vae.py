@@ -1,0 +1,264 @@
+"""Causal 3D-convolution KL autoencoder for video: the latent space of the base and interp stages.
+
+LDM (Rombach et al. 2022, Sec. 3.1 and App. G): a convolutional encoder E maps x to the moments of a
+diagonal Gaussian q(z|x), a decoder D maps z back; trained with L1 + LPIPS + a tiny KL to N(0, I)
+(cascade/losses.py), and the latents are rescaled by 1/std before diffusion ("scale factor", Sec. 4.3.2).
+Here every convolution is 3D and causal in time as in MAGVIT-v2 (Yu et al. 2023, Sec. 3.1): time is
+padded only on the past side, so latent frame t sees pixel frames <= t * temporal_factor, the first
+frame is encoded alone, and an image is a 1-frame video (W.A.L.T's joint image-video latent).
+
+Frame counts. Each temporal downsampling is a causal stride-2 conv, T -> 1 + (T - 1) // 2, and the
+decoder's temporal upsampling inverts it exactly, T' -> 1 + 2 (T' - 1). With s = temporal_factor
+= 2 ** sum(temporal_down), the valid clip lengths are T = 1 + k * s (k >= 0): 1, 5, 9, ... for s = 4.
+Others raise ValueError. With no temporal compression (s = 1) every T is valid. Pixel frame f lives
+in latent slot ceil(f / s): slot 0 is frame 0 alone, slot t holds frames s(t-1)+1 .. s t.
+
+Convolutions and GroupNorm(+SiLU) run only through the public kernel functions (kernels/), so the
+Triton kernels replace them on a GPU with no change here. `decoder_only` freezes the encoder for
+Video LDM's (Blattmann et al. 2023, Sec. 3.1.1) fine-tuning of the decoder on video.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from cascade.config import VAEConfig
+from kernels.attention import spacetime_attention
+from kernels.conv3d import conv3d
+from kernels.group_norm_silu import group_norm_silu
+
+
+def _triple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+class CausalConv3d(nn.Module):
+    """3D convolution, causal in time (past-side padding of kt - 1 frames), 'same' in space.
+    Parameters initialised as nn.Conv3d's; the forward calls kernels.conv3d.conv3d."""
+
+    def __init__(self, cin: int, cout: int, kernel=3, stride=1):
+        super().__init__()
+        k = _triple(kernel)
+        self.stride, self.padding = _triple(stride), (0, k[1] // 2, k[2] // 2)
+        self.weight = nn.Parameter(torch.empty(cout, cin, *k))               # (Cout, Cin, kt, kh, kw)
+        self.bias = nn.Parameter(torch.empty(cout))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))                # as nn.Conv3d
+        bound = 1 / math.sqrt(cin * k[0] * k[1] * k[2])
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x):                                                    # (B, Cin, T, H, W)
+        return conv3d(x, self.weight, self.bias, self.stride, self.padding, causal=True)
+
+
+class GroupNormSiLU(nn.Module):
+    """SiLU(GroupNorm(x)) (or GroupNorm alone) through kernels.group_norm_silu; affine, eps 1e-6 (LDM).
+    Statistics per frame (frames folded into the batch): a norm over T would leak the future into
+    the past and break causality, and an image would be normalised unlike a video's first frame."""
+
+    def __init__(self, groups: int, channels: int, silu: bool = True):
+        super().__init__()
+        if channels % groups:
+            raise ValueError(f"vae.groups: {groups} does not divide a layer's {channels} channels")
+        self.groups, self.silu = groups, silu
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):                                                    # (B, C, T, H, W)
+        T = x.shape[2]
+        y = rearrange(x, "b c t h w -> (b t) c h w")                         # (B*T, C, H, W)
+        y = group_norm_silu(y, self.groups, self.weight, self.bias, 1e-6, self.silu)
+        return rearrange(y, "(b t) c h w -> b c t h w", t=T)
+
+
+class ResBlock(nn.Module):
+    """x + conv(GN-SiLU(conv(GN-SiLU(x)))), 3x3x3 causal convs; 1x1x1 skip when widths differ."""
+
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1, self.conv1 = GroupNormSiLU(groups, cin), CausalConv3d(cin, cout)
+        self.norm2, self.conv2 = GroupNormSiLU(groups, cout), CausalConv3d(cout, cout)
+        self.skip = CausalConv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):                                                    # (B, Cin, T, H, W)
+        h = self.conv1(self.norm1(x))
+        return self.skip(x) + self.conv2(self.norm2(h))                      # (B, Cout, T, H, W)
+
+
+class FrameAttention(nn.Module):
+    """LDM's mid-block self-attention, within each frame (spatial), so causality in time holds."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.heads = next(h for h in range(1, ch + 1) if ch % h == 0 and ch // h <= 128)
+        self.norm = GroupNormSiLU(groups, ch, silu=False)
+        self.qkv, self.out = CausalConv3d(ch, 3 * ch, 1), CausalConv3d(ch, ch, 1)
+
+    def forward(self, x):                                                    # (B, C, T, H, W)
+        H, W = x.shape[-2:]
+        qkv = rearrange(self.qkv(self.norm(x)), "b (k n d) t h w -> k b t (h w) n d",
+                        k=3, n=self.heads)                                   # 3 x (B, T, HW, n, d)
+        o = spacetime_attention(qkv[0], qkv[1], qkv[2], mode="spatial")      # (B, T, HW, n, d)
+        return x + self.out(rearrange(o, "b t (h w) n d -> b (n d) t h w", h=H, w=W))
+
+
+class MidBlock(nn.Sequential):
+    def __init__(self, ch: int, groups: int):
+        super().__init__(ResBlock(ch, ch, groups), FrameAttention(ch, groups), ResBlock(ch, ch, groups))
+
+
+class Upsample(nn.Module):
+    """Nearest 2x in space, and causally in time (T -> 1 + 2 (T - 1): the first frame is not
+    repeated, as MAGVIT-v2's causal decoder), then a 3x3x3 causal conv that also narrows to the
+    next level's width (LDM keeps the width here: the widest conv at the finer resolution, about
+    a quarter of the decoder's FLOPs at the top level, for no gain we could measure)."""
+
+    def __init__(self, cin: int, cout: int, temporal: bool):
+        super().__init__()
+        self.temporal, self.conv = temporal, CausalConv3d(cin, cout)
+
+    def forward(self, x):                                                    # (B, C, T, H, W)
+        x = x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)      # (B, C, T, 2H, 2W)
+        if self.temporal:
+            x = x.repeat_interleave(2, dim=2)[:, :, 1:]                      # (B, C, 2T-1, 2H, 2W)
+        return self.conv(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs = [cfg.channels * m for m in cfg.channel_mults]
+        self.conv_in = CausalConv3d(cfg.in_channels, chs[0])
+        blocks, cin = [], chs[0]
+        for i, ch in enumerate(chs):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(cin, ch, cfg.groups))
+                cin = ch
+            if i < len(chs) - 1:                                             # stride-2 conv downsampling
+                blocks.append(CausalConv3d(ch, ch, 3, stride=(2 if cfg.temporal_down[i] else 1, 2, 2)))
+        self.blocks = nn.Sequential(*blocks, MidBlock(cin, cfg.groups))
+        self.norm_out = GroupNormSiLU(cfg.groups, cin)
+        self.conv_out = CausalConv3d(cin, 2 * cfg.latent_channels)
+
+    def forward(self, x):                                                    # (B, 3, T, H, W)
+        return self.conv_out(self.norm_out(self.blocks(self.conv_in(x))))   # (B, 2Cz, T', h, w)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs = [cfg.channels * m for m in cfg.channel_mults]
+        cin = chs[-1]
+        blocks = [CausalConv3d(cfg.latent_channels, cin), MidBlock(cin, cfg.groups)]
+        for i in reversed(range(len(chs))):
+            for _ in range(cfg.num_res_blocks + 1):                          # one more than the encoder (LDM)
+                blocks.append(ResBlock(cin, chs[i], cfg.groups))
+                cin = chs[i]
+            if i > 0:                                                        # mirrors downsampling i - 1
+                blocks.append(Upsample(cin, chs[i - 1], cfg.temporal_down[i - 1]))
+                cin = chs[i - 1]
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = GroupNormSiLU(cfg.groups, cin)
+        self.conv_out = CausalConv3d(cin, cfg.in_channels)
+
+    def forward(self, z):                                                    # (B, Cz, T', h, w)
+        return self.conv_out(self.norm_out(self.blocks(z)))                  # (B, 3, T, H, W)
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))) from the encoder's moments (LDM's KL-reg. autoencoder)."""
+
+    def __init__(self, moments: torch.Tensor):                              # (B, 2Cz, ...)
+        self.mean, logvar = moments.chunk(2, dim=1)                          # (B, Cz, ...) each
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std, self.var = torch.exp(0.5 * self.logvar), torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,
+                            device=self.mean.device)
+        return self.mean + self.std * noise                                  # reparameterised
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over each sample's latent elements -> (B,)."""
+        kl = 0.5 * (self.mean ** 2 + self.var - 1.0 - self.logvar)
+        return kl.flatten(1).sum(1)
+
+
+class VideoVAE(nn.Module):
+    """VideoVAE(cfg): video (B, 3, T, H, W) in [-1, 1] <-> latent (B, Cz, T', H/f, W/f)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        if len(cfg.temporal_down) != len(cfg.channel_mults) - 1:
+            raise ValueError(f"vae.temporal_down: needs {len(cfg.channel_mults) - 1} entries "
+                             f"(one per downsampling), got {len(cfg.temporal_down)}")
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.register_buffer("scaling_factor", torch.tensor(1.0))           # LDM's 1/std of latents
+        if cfg.decoder_only:
+            self.encoder.requires_grad_(False)
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.cfg.channel_mults) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(bool(t) for t in self.cfg.temporal_down)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.scaling_factor)
+
+    def latent_shape(self, frames: int, h: int, w: int) -> tuple[int, int, int, int]:
+        """(Cz, T', h', w') of the latent of a frames x h x w clip; ValueError if it does not fit."""
+        s, f = self.temporal_factor, self.spatial_factor
+        if frames < 1 or (frames - 1) % s:
+            raise ValueError(f"VideoVAE: {frames} frames do not fit temporal compression {s}: "
+                             f"use 1 + k*{s} frames (1, {1 + s}, {1 + 2 * s}, ...)")
+        if h % f or w % f:
+            raise ValueError(f"VideoVAE: size {h}x{w} is not divisible by the spatial factor {f}")
+        return self.cfg.latent_channels, 1 + (frames - 1) // s, h // f, w // f
+
+    def encode(self, video: torch.Tensor) -> DiagonalGaussian:              # (B, 3, T, H, W)
+        self.latent_shape(*video.shape[2:])                                  # validates T, H, W
+        return DiagonalGaussian(self.encoder(video))                         # over (B, Cz, T', h, w)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:                      # (B, Cz, T', h, w)
+        return self.decoder(z)                                               # (B, 3, 1+s(T'-1), H, W)
+
+    def forward(self, video: torch.Tensor, sample: bool = True, generator=None):
+        posterior = self.encode(video)
+        z = posterior.sample(generator) if sample else posterior.mode()      # (B, Cz, T', h, w)
+        return self.decode(z), posterior                                     # (B, 3, T, H, W)
+
+    def encode_image(self, image: torch.Tensor) -> DiagonalGaussian:        # (B, 3, H, W)
+        self.latent_shape(1, *image.shape[-2:])
+        return DiagonalGaussian(self.encoder(image.unsqueeze(2))[:, :, 0])   # over (B, Cz, h, w)
+
+    def decode_image(self, z: torch.Tensor) -> torch.Tensor:                # (B, Cz, h, w)
+        return self.decoder(z.unsqueeze(2))[:, :, 0]                         # (B, 3, H, W)
+
+    # latent diffusion interface: latents normalised to about unit std (LDM Sec. 4.3.2)
+    def encode_latents(self, video: torch.Tensor, sample: bool = False, generator=None):
+        post = self.encode(video)
+        z = post.sample(generator) if sample else post.mode()                # (B, Cz, T', h, w)
+        return z * self.scaling_factor
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:              # (B, Cz, T', h, w)
+        return self.decode(z / self.scaling_factor)                          # (B, 3, T, H, W)
+
+    @torch.no_grad()
+    def calibrate_scale(self, videos) -> float:
+        """Set scaling_factor = 1 / std of the posterior means of `videos`: a (B, 3, T, H, W) tensor
+        or an iterable of such batches. Returns the new factor."""
+        batches = [videos] if torch.is_tensor(videos) else videos
+        means = torch.cat([self.encode(v.to(self.scaling_factor.device)).mean.flatten()
+                           for v in batches])
+        self.scaling_factor.fill_(1.0 / means.float().std().clamp_min(1e-8).item())
+        return self.latent_scale
