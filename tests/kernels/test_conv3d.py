@@ -1,0 +1,124 @@
+"""conv3d Triton kernels (implicit GEMM) against conv3d_ref: output and every gradient within twice
+PyTorch's own same-precision error plus a small floor, in the interpreter on CPU (DESIGN.md)."""
+import pytest
+import torch
+
+import kernels.conv3d as conv3d_mod
+from kernels.conv3d import conv3d, conv3d_ref
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}  # x max(1, |golden|)
+
+
+def layout(t, how):
+    """A fresh leaf holding t's values in the asked layout."""
+    if how == "channels_last":
+        t = t.to(memory_format=torch.channels_last_3d)
+    elif how == "permuted":  # strides in (b, c, w, h, t) order
+        t = t.permute(0, 1, 4, 3, 2).contiguous().permute(0, 1, 4, 3, 2)
+    elif how == "sliced":  # a window of a wider tensor: gaps between rows
+        t = torch.cat([t, torch.zeros_like(t[..., :3])], -1)[..., :t.shape[-1]]
+    return t.detach().requires_grad_()
+
+
+def forward_backward(fn, inputs, gy):
+    out = fn(*inputs)
+    leaves = [t for t in inputs if t is not None]
+    return [out, *torch.autograd.grad(out, leaves, gy.to(out.dtype))]
+
+
+def assert_within(names, got, golden, same, dtype):
+    for name, a, g, s in zip(names, got, golden, same):
+        assert a.shape == g.shape, f"{name}: shape {tuple(a.shape)} != {tuple(g.shape)}"
+        floor = FLOOR[dtype] * max(1.0, g.abs().max().item())
+        err = (a.float() - g).abs().max().item()
+        ref_err = (s.float() - g).abs().max().item()
+        assert err <= 2 * ref_err + floor, \
+            f"{name}: error {err:.3g} > 2 x PyTorch's {ref_err:.3g} + {floor:.3g}"
+
+
+def check(B, cin, cout, T, H, W, k, stride, padding, causal=False, bias=True, dtype=torch.float32,
+          how="contiguous", device="cpu"):
+    torch.manual_seed(0)
+    x = torch.randn(B, cin, T, H, W, device=device).to(dtype)
+    w = (torch.randn(cout, cin, *k, device=device) / (cin * k[0] * k[1] * k[2]) ** 0.5).to(dtype)
+    b = torch.randn(cout, device=device).to(dtype) if bias else None
+    args = dict(stride=stride, padding=padding, causal=causal)
+    gy = torch.randn(conv3d_ref(x, w, b, **args).shape, device=device)
+
+    def leaves(cast):
+        return [None if t is None else cast(t).detach().requires_grad_() for t in (x, w, b)]
+
+    got = forward_backward(lambda x, w, b: conv3d(x, w, b, **args, backend="triton"),
+                           [layout(x, how), *leaves(lambda t: t.clone())[1:]], gy)
+    same = forward_backward(lambda x, w, b: conv3d_ref(x, w, b, **args), leaves(lambda t: t.clone()), gy)
+    golden = forward_backward(lambda x, w, b: conv3d_ref(x, w, b, **args, upcast=True),
+                              leaves(lambda t: t.float()), gy)
+    assert got[0].dtype == dtype
+    if how == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last_3d)
+        assert got[1].is_contiguous(memory_format=torch.channels_last_3d)
+    assert_within(["y", "dx", "dw", "db"][:len(got)], got, golden, same, dtype)
+
+
+CASES = {  # B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, layout
+    "3x3x3-asym-stride-pad": (1, 3, 20, 5, 13, 13, (3, 3, 3), (1, 2, 1), (1, 0, 1), False, True,
+                              torch.float32, "contiguous"),
+    "causal-stride-t2-w2-two-n-tiles": (1, 20, 40, 5, 9, 11, (3, 1, 3), (2, 1, 2), (0, 1, 2), True,
+                                        True, torch.float32, "contiguous"),
+    "fp16-channels-last": (2, 20, 3, 5, 9, 9, (3, 3, 3), 1, 1, False, True, torch.float16,
+                           "channels_last"),
+    "fp16-causal-downsample-permuted": (1, 20, 16, 5, 13, 13, (3, 3, 3), (2, 2, 1), (1, 1, 0), True,
+                                        True, torch.float16, "permuted"),
+    "fp32-sliced-pad2": (1, 16, 20, 5, 7, 13, (3, 3, 1), (1, 1, 2), (2, 1, 0), False, True,
+                         torch.float32, "sliced"),
+    "pointwise-stride2-no-bias": (2, 20, 20, 5, 13, 13, (1, 1, 1), 2, 0, False, False,
+                                  torch.float32, "contiguous"),
+    "even-kernel-2x2x2-stride2": (1, 3, 20, 5, 13, 13, (2, 2, 2), 2, 0, False, True, torch.float32,
+                                  "contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_conv3d_matches_reference(case):
+    B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how = CASES[case]
+    check(B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how)
+
+
+def test_conv3d_dw_split_partials(monkeypatch):
+    """The GPU cuts dW's sum over positions into fp32 partials; force that path on CPU."""
+    monkeypatch.setattr(conv3d_mod, "_dw_split", lambda device, tiles, P, bk: 3)
+    check(1, 3, 16, 5, 13, 13, (3, 3, 3), (1, 1, 2), (1, 1, 0), causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("how", ["contiguous", "channels_last"])
+def test_conv3d_gpu(dtype, how, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # IEEE fp32 on both sides
+    check(2, 20, 40, 7, 19, 21, (3, 3, 3), (2, 1, 2), (1, 1, 0), True, True, dtype, how, "cuda")
+    check(1, 64, 128, 9, 32, 32, (3, 3, 3), 1, 1, False, True, dtype, how, "cuda")
+
+
+def test_autocast_casts_like_f_conv3d():
+    """Under autocast the models pass fp32 weights with low-precision activations."""
+    x, w, b = torch.randn(1, 3, 4, 7, 7), torch.randn(16, 3, 3, 3, 3) / 9, torch.randn(16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = conv3d(x.half(), w, b, padding=1, causal=True, backend="triton")
+        ref = conv3d_ref(x.half(), w, b, padding=1, causal=True)
+        got32 = conv3d(x, w, b, padding=1, backend="triton")  # computed in fp16, returned in fp32
+        ref32 = conv3d_ref(x, w, b, padding=1)
+    assert got.dtype == ref.dtype == torch.float16 and got32.dtype == ref32.dtype == torch.float32
+    assert torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-3)
+    assert torch.allclose(got32, ref32, atol=2e-2, rtol=2e-3)
+
+
+def test_dispatch_and_errors():
+    x, w = torch.randn(1, 3, 4, 5, 5), torch.randn(2, 3, 3, 3, 3)
+    assert torch.equal(conv3d(x, w, padding=1), conv3d_ref(x, w, padding=1))  # CPU: reference
+    assert torch.equal(conv3d(x, w, padding=1, backend="torch"), conv3d_ref(x, w, padding=1))
+    with pytest.raises(ValueError, match="channels"):
+        conv3d(x, torch.randn(2, 4, 3, 3, 3), backend="triton")
+    with pytest.raises(TypeError, match="one dtype"):
+        conv3d(x, w.half(), backend="triton")
+    with pytest.raises(ValueError, match="smaller than kernel"):
+        conv3d(x[:, :, :2], w, backend="triton")
