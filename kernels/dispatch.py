@@ -19,6 +19,10 @@ def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
     if choice == "torch":
         return False
     if choice == "triton":
+        on_cpu = any(t is not None and not t.is_cuda for t in tensors)
+        if on_cpu and not interpreting():
+            raise RuntimeError("Triton kernels on CPU tensors need Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before importing kernels, or use backend='torch'")
         return True
     return all(t.is_cuda for t in tensors if t is not None)
 

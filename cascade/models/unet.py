@@ -78,9 +78,8 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ch)) if affine else None
 
     def forward(self, x):                                                # (B, C, T, H, W)
-        y = rearrange(x, "b c t h w -> (b t) c h w")
-        y = group_norm_silu(y, self.groups, self.weight, self.bias, silu=self.silu)
-        return rearrange(y, "(b t) c h w -> b c t h w", t=x.shape[2])
+        return group_norm_silu(x, self.groups, self.weight, self.bias, silu=self.silu,
+                               per_frame=True)                               # frames read in place
 
 
 class ResBlock(nn.Module):
