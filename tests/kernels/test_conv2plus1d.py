@@ -6,7 +6,7 @@ import torch
 import kernels.conv2plus1d as c21
 from kernels.conv2plus1d import conv2plus1d, conv2plus1d_ref
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}  # x max(1, |golden|)
+from kernel_tolerance import assert_within, forward_backward
 NAMES = ["y", "dx", "dw_spatial", "db_spatial", "dw_temporal", "db_temporal"]
 
 
@@ -17,22 +17,6 @@ def layout(t, how):
     elif how == "permuted":  # strides in (b, t, h, w, c)-like order, not a named format
         t = t.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4)
     return t.detach().requires_grad_()
-
-
-def forward_backward(fn, inputs, gy):
-    out = fn(*inputs)
-    leaves = [t for t in inputs if t is not None]
-    return [out, *torch.autograd.grad(out, leaves, gy.to(out.dtype))]
-
-
-def assert_within(names, got, golden, same, dtype):
-    for name, a, g, s in zip(names, got, golden, same):
-        assert a.shape == g.shape, f"{name}: shape {tuple(a.shape)} != {tuple(g.shape)}"
-        floor = FLOOR[dtype] * max(1.0, g.abs().max().item())
-        err = (a.float() - g).abs().max().item()
-        ref_err = (s.float() - g).abs().max().item()
-        assert err <= 2 * ref_err + floor, \
-            f"{name}: error {err:.3g} > 2 x PyTorch's {ref_err:.3g} + {floor:.3g}"
 
 
 def check(B, cin, cmid, cout, T, H, W, k, kt, causal=False, bias=True, dtype=torch.float32,

@@ -6,7 +6,7 @@ import torch
 import kernels.conv3d as conv3d_mod
 from kernels.conv3d import conv3d, conv3d_ref
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}  # x max(1, |golden|)
+from kernel_tolerance import assert_within, forward_backward
 
 
 def layout(t, how):
@@ -18,22 +18,6 @@ def layout(t, how):
     elif how == "sliced":  # a window of a wider tensor: gaps between rows
         t = torch.cat([t, torch.zeros_like(t[..., :3])], -1)[..., :t.shape[-1]]
     return t.detach().requires_grad_()
-
-
-def forward_backward(fn, inputs, gy):
-    out = fn(*inputs)
-    leaves = [t for t in inputs if t is not None]
-    return [out, *torch.autograd.grad(out, leaves, gy.to(out.dtype))]
-
-
-def assert_within(names, got, golden, same, dtype):
-    for name, a, g, s in zip(names, got, golden, same):
-        assert a.shape == g.shape, f"{name}: shape {tuple(a.shape)} != {tuple(g.shape)}"
-        floor = FLOOR[dtype] * max(1.0, g.abs().max().item())
-        err = (a.float() - g).abs().max().item()
-        ref_err = (s.float() - g).abs().max().item()
-        assert err <= 2 * ref_err + floor, \
-            f"{name}: error {err:.3g} > 2 x PyTorch's {ref_err:.3g} + {floor:.3g}"
 
 
 def check(B, cin, cout, T, H, W, k, stride, padding, causal=False, bias=True, dtype=torch.float32,

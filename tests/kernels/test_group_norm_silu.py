@@ -5,7 +5,7 @@ import torch
 
 from kernels.group_norm_silu import group_norm_silu, group_norm_silu_ref
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}  # x max(1, |golden|)
+from kernel_tolerance import assert_within, forward_backward
 
 
 def layout(t, how):
@@ -17,22 +17,6 @@ def layout(t, how):
     elif how == "sliced":
         t = torch.cat([t, torch.zeros_like(t[:, :2])], 1)[:, :t.shape[1]]
     return t.detach().requires_grad_()
-
-
-def forward_backward(fn, inputs, gy):
-    out = fn(*inputs)
-    leaves = [t for t in inputs if t is not None]
-    return [out, *torch.autograd.grad(out, leaves, gy.to(out.dtype))]
-
-
-def assert_within(names, got, golden, same, dtype):
-    for name, a, g, s in zip(names, got, golden, same):
-        assert a.shape == g.shape, f"{name}: shape {tuple(a.shape)} != {tuple(g.shape)}"
-        floor = FLOOR[dtype] * max(1.0, g.abs().max().item())
-        err = (a.float() - g).abs().max().item()
-        ref_err = (s.float() - g).abs().max().item()
-        assert err <= 2 * ref_err + floor, \
-            f"{name}: error {err:.3g} > 2 x PyTorch's {ref_err:.3g} + {floor:.3g}"
 
 
 def check(shape, groups, weight=True, bias=True, silu=True, dtype=torch.float32, how="contiguous",

@@ -5,17 +5,7 @@ import torch
 
 from kernels.layer_norm_modulate import layer_norm_modulate, layer_norm_modulate_ref
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 2.5e-4, torch.bfloat16: 2e-3}  # x max(1, |golden|)
-
-
-def assert_within(names, got, golden, same, dtype):
-    for name, a, g, s in zip(names, got, golden, same):
-        assert a.shape == g.shape, f"{name}: shape {tuple(a.shape)} != {tuple(g.shape)}"
-        floor = FLOOR[dtype] * max(1.0, g.abs().max().item())
-        err = (a.float() - g).abs().max().item()
-        ref_err = (s.float() - g).abs().max().item()
-        assert err <= 2 * ref_err + floor, \
-            f"{name}: error {err:.3g} > 2 x PyTorch's {ref_err:.3g} + {floor:.3g}"
+from kernel_tolerance import assert_within
 
 
 def forward_backward(fn, x, mod, gy):
