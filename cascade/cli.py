@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASCADE = REPO / "configs" / "cascade" / "tiny.yaml"
@@ -26,10 +27,22 @@ class StageRun:
 
 
 @dataclass
+class StageDefaults:
+    """Sampling defaults of one later stage; None = the stage's own config.diffusion."""
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    sampler: Optional[str] = None
+
+
+@dataclass
 class SampleDefaults:
+    """`cascade sample` defaults: steps / guidance / sampler of the base stage; interp and sr
+    take theirs from their own sections (or their configs). Flags override all of them."""
     steps: int = 25
     guidance: float = 4.0
     sampler: str = "dpmpp_2m"
+    interp: StageDefaults = field(default_factory=StageDefaults)
+    sr: StageDefaults = field(default_factory=StageDefaults)
 
 
 @dataclass
@@ -46,14 +59,27 @@ def load_cascade(path) -> CascadeConfig:
     return load_config(path, schema=CascadeConfig)
 
 
-def train_cascade(path, extra: list[str] = (), progress: bool = True) -> Path:
-    """Run each stage's training in order (skipping stages whose export already exists)."""
+def _run_config(run: StageRun, extra: list[str] = ()):
     from cascade.config import load_config
+    return load_config(REPO / run.config if not Path(run.config).is_absolute() else run.config,
+                       list(run.overrides) + list(extra))
+
+
+def cascade_stages(cc: CascadeConfig) -> list[str]:
+    """The stage names (vae, base, interp, sr) a cascade trains, in order."""
+    return [_run_config(run).stage for run in cc.train]
+
+
+def train_cascade(path, extra: list[str] = (), progress: bool = True,
+                  only: list[str] | None = None) -> Path:
+    """Run each stage's training in order (skipping stages whose export already exists, and
+    stages not named in `only` when it is given)."""
     from cascade.train import train
     cc = load_cascade(path)
     for run in cc.train:
-        cfg = load_config(REPO / run.config if not Path(run.config).is_absolute() else run.config,
-                          list(run.overrides) + list(extra))
+        cfg = _run_config(run, extra)
+        if only is not None and cfg.stage not in only:
+            continue
         if (Path(cfg.train.out_dir) / "export" / "model.safetensors").is_file():
             print(f"[{cfg.stage}] already trained: {cfg.train.out_dir}/export")
             continue
@@ -91,42 +117,61 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def _stage_sampling(args, stage: str):
+    """--<stage>-steps/-guidance/-sampler; None where not given (then --steps etc. apply)."""
+    from cascade.pipeline import StageSampling
+    return StageSampling(*(getattr(args, f"{stage}_{k}") for k in ("steps", "guidance", "sampler")))
+
+
 def cmd_sample(args) -> None:
     import torch
 
-    from cascade.pipeline import Pipeline, stage_folder
+    from cascade.pipeline import Pipeline, StageSampling, format_table, has_stage
     from cascade.video_io import contact_sheet, write_mp4
     prompts = read_prompts(args)
     cc = load_cascade(args.cascade)
     stages = Path(args.stages or cc.stages_dir)
     if args.stages is None:
-        try:
-            stage_folder(stages, "base")
-        except FileNotFoundError:
-            print(f"no trained stages in {stages}: training the {cc.name} cascade first "
-                  f"(once; later samples reuse it)")
-            train_cascade(args.cascade)
+        wanted = {"vae", "base"} | ({"interp"} if not args.no_interp else set()) \
+            | ({"sr"} if not args.no_sr else set())
+        missing = [s for s in cascade_stages(cc) if s in wanted and not has_stage(stages, s)]
+        if missing:
+            print(f"no trained {', '.join(missing)} stage(s) in {stages}: training the {cc.name} "
+                  f"cascade first (once; later samples reuse it)")
+            train_cascade(args.cascade, only=missing)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tic = time.perf_counter()
-    pipe = Pipeline(stages, device)
-    res = pipe(prompts, seed=args.seed, steps=args.steps or cc.sample.steps,
-               guidance=args.guidance if args.guidance is not None else cc.sample.guidance,
-               sampler=args.sampler or cc.sample.sampler, num_videos=args.num_videos)
+    pipe = Pipeline(stages, device, use_interp=False if args.no_interp else None,
+                    use_sr=False if args.no_sr else None)
+    # each stage: --<stage>-* > --steps/--guidance/--sampler > the cascade's sample defaults
+    # (its `sample` section for base, sample.interp / sample.sr) > the stage's own config
+    every = StageSampling(args.steps, args.guidance, args.sampler)
+    defaults = {"base": StageSampling(cc.sample.steps, cc.sample.guidance, cc.sample.sampler),
+                "interp": StageSampling(**vars(cc.sample.interp)),
+                "sr": StageSampling(**vars(cc.sample.sr))}
+    per_stage = {name: _stage_sampling(args, name).over(every).over(default)
+                 for name, default in defaults.items()}
+    res = pipe(prompts, seed=args.seed, num_videos=args.num_videos, **per_stage,
+               interp_passes=args.interp_passes, frames=args.frames,
+               progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (video, prompt) in enumerate(zip(res.video, res.prompts)):
-        path = out / f"{i:03d}_{slug(prompt)}.mp4"
-        write_mp4(video, path, fps=pipe.fps)
-        paths.append(path)
+        name = f"{i:03d}_{slug(prompt)}"
+        paths.append(write_mp4(video, out / f"{name}.mp4", fps=res.fps))
+        if args.save_stages:                      # each stage's output, decoded, per video
+            for stage in ("keyframes", "interp", "lowres", "final"):
+                if stage in res.stages:
+                    (out / name).mkdir(exist_ok=True)
+                    paths.append(write_mp4(res.stages[stage][i], out / name / f"{stage}.mp4",
+                                           fps=res.stage_fps[stage]))
     sheet = contact_sheet(res.video, out / "contact_sheet.png", captions=res.prompts)
     for p in paths:
         print(f"wrote {p}")
     print(f"wrote {sheet}")
-    print("stage    seconds")
-    for name, sec in res.timings.items():
-        print(f"{name:<8} {sec:7.2f}")
-    print(f"total    {time.perf_counter() - tic:7.2f}")
+    print(format_table(res))
+    print(f"total    {time.perf_counter() - tic:8.2f}   (loading included)")
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -155,10 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cascade", default=str(DEFAULT_CASCADE), help="cascade YAML")
     s.add_argument("--out", default="outputs")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int)
-    s.add_argument("--guidance", type=float)
-    s.add_argument("--sampler", choices=("ddim", "dpmpp_2m", "euler_ancestral"))
+    samplers = ("ddim", "dpmpp_2m", "euler_ancestral")
+    s.add_argument("--steps", type=int, help="sampling steps of every stage")
+    s.add_argument("--guidance", type=float, help="guidance scale of every stage")
+    s.add_argument("--sampler", choices=samplers, help="sampler of every stage")
+    for stage in ("base", "interp", "sr"):
+        s.add_argument(f"--{stage}-steps", type=int, help=f"the {stage} stage's steps")
+        s.add_argument(f"--{stage}-guidance", type=float, help=f"the {stage} stage's guidance")
+        s.add_argument(f"--{stage}-sampler", choices=samplers, help=f"the {stage} stage's sampler")
     s.add_argument("--num-videos", type=int, default=1)
+    s.add_argument("--interp-passes", type=int, choices=(1, 2), help="run interp once (default) "
+                   "or twice (frame rate x r^2)")
+    s.add_argument("--frames", type=int, help="frames of the output video (default: what the base "
+                   "stage was trained on, through interp)")
+    s.add_argument("--no-interp", action="store_true", help="skip the interp stage")
+    s.add_argument("--no-sr", action="store_true", help="skip the super-resolution stage")
+    s.add_argument("--save-stages", action="store_true", help="also write each video's keyframes, "
+                   "interp, lowres and final mp4s in a folder per video")
+    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_sample)
     return p
 

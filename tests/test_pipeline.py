@@ -7,10 +7,28 @@ from safetensors.torch import save_file
 
 from cascade.cli import main
 from cascade.config import StageConfig, load_config, save_config
-from cascade.pipeline import Pipeline
+from cascade.pipeline import Pipeline, StageSampling, keyframe_groups
 from cascade.video_io import read_video
 
 REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle moving left on a blue background"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: on the shared 2-core machine a second thread costs more than it gains."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize_zero_init(net: torch.nn.Module) -> torch.nn.Module:
+    """A random net that is not all-zero at the output (adaLN-Zero, zero output convs)."""
+    for p in net.parameters():
+        if p.abs().sum() == 0:
+            p.data.normal_(0, 0.02)
+    return net
 
 
 def export_random(cfg: StageConfig, net: torch.nn.Module, folder: Path) -> Path:
@@ -38,12 +56,40 @@ def stages(tmp_path_factory):
     bcfg = load_config(REPO / "configs/tiny/base.yaml", common + [
         f"text.encoder={root / 'text'}", "text.dim=32", "text.max_length=16", "dit.text_dim=32",
         "dit.hidden=32", "dit.depth=1", "dit.heads=2", "dit.frames=4", "dit.height=8", "dit.width=8"])
-    dit = VideoDiT(bcfg.dit)
-    for p in dit.parameters():                     # a random net that is not all-zero at the output
-        if p.abs().sum() == 0:
-            p.data.normal_(0, 0.02)
-    export_random(bcfg, dit, root / "base")
+    export_random(bcfg, randomize_zero_init(VideoDiT(bcfg.dit)), root / "base")
     return root
+
+
+@pytest.fixture(scope="module")
+def full(stages, tmp_path_factory):
+    """The whole cascade: the `stages` folder's vae and base (4 latent keyframes of 8x8 -> 16x16
+    pixels) plus a random tiny interp DiT (K=3 keyframes at rate 2: 5 frames) and a random tiny
+    SR U-Net (x2: 32x32 frames, windows of 4 frames overlapping by 1), both guided (scale 2)."""
+    from cascade.models.dit import VideoDiT
+    from cascade.models.unet import VideoUNet
+    root = tmp_path_factory.mktemp("full")
+    for name in ("vae", "base"):
+        (root / name).symlink_to(stages / name)
+    text = [f"text.encoder={stages / 'text'}", "text.dim=32", "text.max_length=16",
+            "diffusion.guidance=2.0"]
+    torch.manual_seed(1)
+    icfg = load_config(REPO / "configs/tiny/interp.yaml", text + [
+        "data.frames=5", "data.height=16", "data.width=16", "interp.rate=2", "dit.text_dim=32",
+        "dit.hidden=32", "dit.depth=1", "dit.heads=2", "dit.frames=5", "dit.height=8", "dit.width=8"])
+    export_random(icfg, randomize_zero_init(VideoDiT(icfg.dit)), root / "interp" / "export")
+    scfg = load_config(REPO / "configs/tiny/sr.yaml", text + [
+        "data.height=32", "data.width=32", "sr.scale=2", "sr.window=4", "sr.overlap=1",
+        "unet.channels=8", "unet.channel_mults=[1,2]", "unet.attn_levels=[1]", "unet.heads=2",
+        "unet.groups=4", "unet.text_dim=32"])
+    export_random(scfg, randomize_zero_init(VideoUNet(scfg.unet)), root / "sr")
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_run(full):
+    """One run of the whole cascade (1 video, 2 steps per stage), shared by the tests that read it."""
+    pipe = Pipeline(full)
+    return pipe, pipe(PROMPT, seed=5, steps=2, progress=False)
 
 
 def test_pipeline_returns_frames(stages):
@@ -93,3 +139,148 @@ def test_missing_stage_in_folder(stages, tmp_path, capsys):
     (tmp_path / "vae").symlink_to(stages / "vae")
     assert main(["sample", "a red circle", "--stages", str(tmp_path)]) == 2
     assert "has no 'base' stage" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the whole cascade
+
+def test_keyframe_groups():
+    assert keyframe_groups(8, 3) == [0, 2, 4, 5]           # the last group moved back to end on 7
+    assert keyframe_groups(29, 3) == [2 * i for i in range(14)]
+    assert keyframe_groups(3, 3) == [0] and keyframe_groups(4, 2) == [0, 1, 2]
+    with pytest.raises(ValueError, match="2 keyframes are fewer than the interp model's K=3"):
+        keyframe_groups(2, 3)
+
+
+def test_full_cascade_shapes_and_stage_outputs(full_run):
+    pipe, res = full_run
+    assert pipe.stages == ["base", "interp", "vae", "sr"] and pipe.interp_keyframes == 3
+    # 4 base keyframes, K=3, r=2: groups at 0 and 1 -> (4-1)*2+1 = 7 frames; x2 resolution
+    assert res.video.shape == (1, 3, 7, 32, 32) and res.video.abs().max() <= 1
+    st = res.stages
+    assert st["keyframes_latent"].shape == (1, 4, 4, 8, 8)
+    assert st["keyframes"].shape == (1, 3, 4, 16, 16)
+    assert st["interp_latent"].shape == (1, 4, 7, 8, 8)
+    assert st["interp"].shape == st["lowres"].shape == (1, 3, 7, 16, 16)
+    assert torch.equal(st["final"], res.video)
+    assert torch.equal(st["interp_latent"][:, :, ::2], st["keyframes_latent"])   # keyframe slots
+    assert not torch.allclose(st["interp_latent"][:, :, 1::2], torch.zeros(1))   # filled in between
+    assert res.fps == 16 and res.stage_fps["keyframes"] == 8 and res.stage_fps["final"] == 16
+    assert list(res.timings) == list(res.memory) == ["base", "interp", "vae", "sr"]
+    assert all(isinstance(m, int) and m >= 0 for m in res.memory.values()) and res.memory_kind
+
+
+def test_two_interp_passes_and_per_stage_sampling(full, full_run):
+    pipe, res = full_run
+    two = pipe(PROMPT, seed=5, steps=2, interp_passes=2, progress=False,
+               interp=StageSampling(steps=1), sr={"steps": 1, "guidance": 1.0, "sampler": "ddim"})
+    # pass 2 takes pass 1's 7 frames as keyframes: groups at 0, 2, 4 -> (7-1)*2+1 = 13 frames
+    assert two.video.shape == (1, 3, 13, 32, 32) and two.fps == 32
+    assert two.stages["interp_latent"].shape == (1, 4, 13, 8, 8)
+    assert torch.equal(two.stages["keyframes_latent"], res.stages["keyframes_latent"])  # same seed
+    with pytest.raises(ValueError, match="unknown key"):
+        pipe(PROMPT, sr={"step": 1}, progress=False)
+
+
+def test_ablations_share_the_seed(full, full_run):
+    _, res = full_run
+    no_sr = Pipeline(full, use_sr=False)
+    assert no_sr.sr is None and no_sr.stages == ["base", "interp", "vae"]
+    low = no_sr(PROMPT, seed=5, steps=2, progress=False)
+    assert low.video.shape == (1, 3, 7, 16, 16) and set(low.timings) == {"base", "interp", "vae"}
+    torch.testing.assert_close(low.video, res.stages["lowres"])   # each stage has its own generator
+    no_interp = Pipeline(full, use_interp=False)
+    keys = no_interp(PROMPT, seed=5, steps=2, progress=False)
+    assert keys.video.shape == (1, 3, 4, 32, 32) and set(keys.timings) == {"base", "vae", "sr"}
+    assert "interp" not in keys.stages and keys.fps == 8
+    torch.testing.assert_close(keys.stages["lowres"], res.stages["keyframes"])
+
+
+def test_asking_for_an_absent_stage(stages):
+    for name in ("interp", "sr"):
+        with pytest.raises(FileNotFoundError, match=f"has no '{name}' stage"):
+            Pipeline(stages, **{f"use_{name}": True})
+    pipe = Pipeline(stages)
+    assert pipe.interp is None and pipe.sr is None and pipe.stages == ["base", "vae"]
+    with pytest.raises(ValueError, match="interp_passes=1 needs the interp stage"):
+        pipe(PROMPT, interp_passes=1, progress=False)
+
+
+def test_unreachable_frame_counts(full_run):
+    pipe, _ = full_run
+    with pytest.raises(ValueError, match=r"cannot make 6 frames .* use 5, 7, 9"):
+        pipe(PROMPT, frames=6, progress=False)
+    with pytest.raises(ValueError, match="cannot make 3 frames .*needs >= 3 base keyframes"):
+        pipe(PROMPT, frames=3, progress=False)       # 2 keyframes: fewer than the interp's K=3
+    with pytest.raises(ValueError, match="cannot make 11 frames .* use 9, 13, 17"):
+        pipe(PROMPT, frames=11, interp_passes=2, progress=False)
+    with pytest.raises(ValueError, match="interp_passes must be 0, 1 or 2"):
+        pipe(PROMPT, interp_passes=3, progress=False)
+
+
+def test_cli_full_cascade_save_stages_and_table(full, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["sample", PROMPT, "--stages", str(full), "--out", str(out), "--steps", "2",
+               "--sr-steps", "1", "--interp-guidance", "1.5", "--save-stages", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    (mp4,) = out.glob("*.mp4")
+    name = mp4.stem                                       # 000_<prompt slug>
+    frames, fps = read_video(mp4)
+    assert frames.shape == (7, 32, 32, 3) and fps == pytest.approx(16)
+    expect = {"keyframes": ((4, 16, 16, 3), 8), "interp": ((7, 16, 16, 3), 16),
+              "lowres": ((7, 16, 16, 3), 16), "final": ((7, 32, 32, 3), 16)}
+    assert sorted(p.name for p in (out / name).iterdir()) == sorted(f"{k}.mp4" for k in expect)
+    for stage, (shape, rate) in expect.items():
+        frames, fps = read_video(out / name / f"{stage}.mp4")
+        assert frames.shape == shape and fps == pytest.approx(rate), stage
+    table = text[text.index("stage"):].splitlines()
+    assert table[0].split() == ["stage", "seconds", "peak", "MiB"]
+    assert [ln.split()[0] for ln in table[1:5]] == ["base", "interp", "vae", "sr"]
+    assert all(len(ln.split()) == 3 for ln in table[1:5]) and "peak memory:" in table[5]
+    assert table[6].startswith("total")
+
+
+def test_cli_ablations_and_unreachable_frames(full, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["sample", PROMPT, "--stages", str(full), "--out", str(out), "--base-steps", "1",
+               "--no-interp", "--no-sr", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    frames, fps = read_video(next(out.glob("*.mp4")))
+    assert frames.shape == (4, 16, 16, 3) and fps == pytest.approx(8)
+    assert [ln.split()[0] for ln in text[text.index("stage"):].splitlines()[1:3]] == ["base", "vae"]
+    assert main(["sample", PROMPT, "--stages", str(full), "--frames", "6", "--out", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after transformers' loading bar
+    assert err.startswith("cascade sample: error: frames: the cascade cannot make 6 frames"), err
+    assert main(["sample", PROMPT, "--stages", str(full), "--no-interp", "--interp-passes", "2",
+                 "--out", str(out), "--no-progress"]) == 2
+    assert "interp_passes=2 needs the interp stage" in capsys.readouterr().err
+
+
+def test_tiny_cascade_trains_and_samples_every_stage():
+    from cascade.cli import cascade_stages, load_cascade
+    cc = load_cascade(REPO / "configs/cascade/tiny.yaml")
+    assert cascade_stages(cc) == ["vae", "base", "interp", "sr"]
+    assert cc.sample.steps == 25 and cc.sample.sr.steps == 10 and cc.sample.sr.guidance is None
+
+
+def test_cli_stage_sampling_precedence(full, tmp_path, monkeypatch):
+    """--<stage>-X > --X > the cascade's sample defaults (base; sample.interp / sample.sr) > the
+    stage's config (None reaches the pipeline)."""
+    seen = {}
+
+    def fake_call(self, prompts, **kw):
+        seen.update(kw)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(Pipeline, "__call__", fake_call)
+    argv = ["sample", PROMPT, "--stages", str(full), "--out", str(tmp_path), "--no-progress",
+            "--cascade", str(REPO / "configs/cascade/tiny.yaml")]
+    assert main(argv + ["--guidance", "3", "--interp-steps", "4", "--sr-sampler", "ddim"]) == 2
+    assert seen["base"] == StageSampling(25, 3.0, "dpmpp_2m")
+    assert seen["interp"] == StageSampling(4, 3.0, None)
+    assert seen["sr"] == StageSampling(10, 3.0, "ddim")
+    assert main(argv + ["--steps", "2", "--base-guidance", "1.5", "--interp-passes", "2"]) == 2
+    assert seen["base"] == StageSampling(2, 1.5, "dpmpp_2m") and seen["interp_passes"] == 2
+    assert seen["interp"] == seen["sr"] == StageSampling(2, None, None)
