@@ -10,6 +10,9 @@ import torch
 import kernels.attention as attention
 from cascade.config import DiTConfig
 from cascade.models.dit import VideoDiT
+from kernels.dispatch import interpreting
+
+pytestmark = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
 
 
 def tiny_model(attention_mode):
