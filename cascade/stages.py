@@ -73,6 +73,17 @@ def load_vae(folder: str | Path, device="cpu"):
     return vae.eval().requires_grad_(False).to(device), cfg
 
 
+def load_text_encoder(cfg: StageConfig, net: str, device):
+    """The stage's frozen text encoder, checked against the width its network (`net`: dit | unet)
+    was configured for."""
+    from cascade.text import TextEncoder
+    text = TextEncoder.from_config(cfg.text).to(device)
+    want = getattr(cfg, net).text_dim
+    if text.dim != want:
+        raise ConfigError(f"{net}.text_dim: {want} does not match the text encoder's width {text.dim}")
+    return text
+
+
 class VAEStage:
     """Causal 3D KL autoencoder trained with L1 + LPIPS + KL (LDM)."""
 
@@ -123,7 +134,6 @@ class BaseStage:
     def __init__(self, cfg: StageConfig, device="cpu"):
         from cascade.diffusion import Diffusion
         from cascade.models.dit import VideoDiT
-        from cascade.text import TextEncoder
         self.cfg = cfg
         if not cfg.train.vae_dir:
             raise ConfigError("train.vae_dir: the base stage needs the folder of a trained VAE export")
@@ -134,10 +144,7 @@ class BaseStage:
         if got != expect:
             raise ConfigError(f"dit: (in_channels, frames, height, width) = {got} does not match the "
                               f"VAE latent of {d.frames}x{d.height}x{d.width} clips, {expect}")
-        self.text = TextEncoder.from_config(cfg.text).to(device)
-        if self.text.dim != cfg.dit.text_dim:
-            raise ConfigError(f"dit.text_dim: {cfg.dit.text_dim} does not match the text encoder's "
-                              f"width {self.text.dim}")
+        self.text = load_text_encoder(cfg, "dit", device)
         self.diffusion = Diffusion(cfg.diffusion)
         self.net = VideoDiT(cfg.dit)
 
@@ -259,15 +266,11 @@ class SRStage:
     def __init__(self, cfg: StageConfig, device="cpu"):
         from cascade.diffusion import Diffusion
         from cascade.models.unet import VideoUNet
-        from cascade.text import TextEncoder
         self.cfg = cfg
         if cfg.unet.in_channels != 3:
             raise ConfigError(f"unet.in_channels: the sr stage works on RGB pixels (3), "
                               f"got {cfg.unet.in_channels}")
-        self.text = TextEncoder.from_config(cfg.text).to(device)
-        if self.text.dim != cfg.unet.text_dim:
-            raise ConfigError(f"unet.text_dim: {cfg.unet.text_dim} does not match the text encoder's "
-                              f"width {self.text.dim}")
+        self.text = load_text_encoder(cfg, "unet", device)
         self.diffusion = Diffusion(cfg.diffusion)
         self.net = VideoUNet(cfg.unet)
 
