@@ -1,8 +1,8 @@
 """Training loss of the video autoencoder, and PSNR for evaluating it.
 
 LDM (Rombach et al. 2022, App. G; taming-transformers' LPIPSWithDiscriminator without the GAN),
-plus the L2 reconstruction term of MAGVIT / MAGVIT-v2 (Yu et al. 2023):
-    L = |x - D(z)|_1 + L2_WEIGHT * |x - D(z)|_2^2 + lpips_weight * LPIPS(x, D(z)) + kl_weight * KL(q(z|x) || N(0, I)).
+plus an L2 reconstruction term (VQ-VAE's, van den Oord et al. 2017: a Gaussian decoder's -log p(x|z)):
+    L = |x - D(z)|_1 + L2_WEIGHT |x - D(z)|^2 + lpips_weight LPIPS(x, D(z)) + kl_weight KL(q(z|x) || N(0, I)).
 Why L2 too: with L1 alone the tiny VAE learned the flat-colour synthetic clips far more slowly
 (measured on 32x32 images after 600 steps: 19.9 dB with L1, 25.6 dB with L1 + L2): L1's gradient has
 the same size on the many almost-right background pixels as on the wrong edge pixels, L2 weights
@@ -38,8 +38,9 @@ def build_lpips(pretrained: bool, net: str = LPIPS_NET) -> nn.Module:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", _TORCHVISION_FILES[net])
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"LPIPS needs the pretrained {net} trunk at {path} (not found; nothing is downloaded): "
-                f"copy it there, or train with vae.lpips_pretrained=false (random trunk) or vae.lpips_weight=0")
+                f"LPIPS needs the pretrained {net} trunk at {path} (not found; nothing is "
+                f"downloaded): copy it there, or train with vae.lpips_pretrained=false (random trunk) "
+                f"or vae.lpips_weight=0")
     with warnings.catch_warnings():                  # torchvision's 'pretrained=' deprecation notes
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained, verbose=False)

@@ -142,6 +142,18 @@ def test_model_calls_the_kernel_functions(monkeypatch):
     assert calls["attn"] == 2                                               # encoder and decoder mid
 
 
+def test_groups_zero_turns_groupnorm_off(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("GroupNorm called with groups=0")
+    monkeypatch.setattr(vae_mod, "group_norm_silu", refuse)
+    m = VideoVAE(tiny_cfg(groups=0))
+    recon, post = m(video(B=1, T=2))
+    assert recon.shape == (1, 3, 2, 16, 16)
+    for bad in (3, -1):                                                     # 3 does not divide 8
+        with pytest.raises(ValueError, match="vae.groups"):
+            VideoVAE(tiny_cfg(groups=bad))
+
+
 def test_latent_scaling():
     torch.manual_seed(0)
     m = VideoVAE(tiny_cfg()).eval()
