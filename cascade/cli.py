@@ -1,8 +1,9 @@
-"""The `cascade` command: train a stage, train a whole cascade, sample a prompt to mp4.
+"""The `cascade` command: train a stage, train a whole cascade, sample a prompt to mp4, evaluate.
 
     cascade train configs/tiny/vae.yaml train.steps=500      one stage, DeepSpeed
     cascade train-cascade configs/cascade/tiny.yaml           every stage of a cascade, in order
     cascade sample "a red circle moving left on a blue background"
+    cascade eval --stages runs/tiny --num-prompts 32 --out outputs/eval
 
 Errors a user can cause (a bad config key, a missing checkpoint, an empty prompt) end with one
 line naming the problem and exit status 2.
@@ -123,10 +124,35 @@ def _stage_sampling(args, stage: str):
     return StageSampling(*(getattr(args, f"{stage}_{k}") for k in ("steps", "guidance", "sampler")))
 
 
+def resolve_sampling(args, cc: CascadeConfig) -> dict:
+    """{stage: StageSampling} for base, interp, sr. Each stage: --<stage>-* > --steps/--guidance/
+    --sampler > the cascade's sample defaults (its `sample` section for base, sample.interp /
+    sample.sr) > the stage's own config (the None left over)."""
+    from cascade.pipeline import StageSampling
+    every = StageSampling(args.steps, args.guidance, args.sampler)
+    defaults = {"base": StageSampling(cc.sample.steps, cc.sample.guidance, cc.sample.sampler),
+                "interp": StageSampling(**vars(cc.sample.interp)),
+                "sr": StageSampling(**vars(cc.sample.sr))}
+    return {name: _stage_sampling(args, name).over(every).over(default)
+            for name, default in defaults.items()}
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--steps/--guidance/--sampler (every stage) and --<stage>-steps/-guidance/-sampler."""
+    samplers = ("ddim", "dpmpp_2m", "euler_ancestral")
+    p.add_argument("--steps", type=int, help="sampling steps of every stage")
+    p.add_argument("--guidance", type=float, help="guidance scale of every stage")
+    p.add_argument("--sampler", choices=samplers, help="sampler of every stage")
+    for stage in ("base", "interp", "sr"):
+        p.add_argument(f"--{stage}-steps", type=int, help=f"the {stage} stage's steps")
+        p.add_argument(f"--{stage}-guidance", type=float, help=f"the {stage} stage's guidance")
+        p.add_argument(f"--{stage}-sampler", choices=samplers, help=f"the {stage} stage's sampler")
+
+
 def cmd_sample(args) -> None:
     import torch
 
-    from cascade.pipeline import Pipeline, StageSampling, format_table, has_stage
+    from cascade.pipeline import Pipeline, format_table, has_stage
     from cascade.video_io import contact_sheet, write_mp4
     prompts = read_prompts(args)
     cc = load_cascade(args.cascade)
@@ -143,14 +169,7 @@ def cmd_sample(args) -> None:
     tic = time.perf_counter()
     pipe = Pipeline(stages, device, use_interp=False if args.no_interp else None,
                     use_sr=False if args.no_sr else None)
-    # each stage: --<stage>-* > --steps/--guidance/--sampler > the cascade's sample defaults
-    # (its `sample` section for base, sample.interp / sample.sr) > the stage's own config
-    every = StageSampling(args.steps, args.guidance, args.sampler)
-    defaults = {"base": StageSampling(cc.sample.steps, cc.sample.guidance, cc.sample.sampler),
-                "interp": StageSampling(**vars(cc.sample.interp)),
-                "sr": StageSampling(**vars(cc.sample.sr))}
-    per_stage = {name: _stage_sampling(args, name).over(every).over(default)
-                 for name, default in defaults.items()}
+    per_stage = resolve_sampling(args, cc)
     res = pipe(prompts, seed=args.seed, num_videos=args.num_videos, **per_stage,
                interp_passes=args.interp_passes, frames=args.frames,
                progress=not args.no_progress)
@@ -172,6 +191,21 @@ def cmd_sample(args) -> None:
     print(f"wrote {sheet}")
     print(format_table(res))
     print(f"total    {time.perf_counter() - tic:8.2f}   (loading included)")
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from cascade.evaluate import default_prompts, evaluate, markdown, write_report
+    cc = load_cascade(args.cascade)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = evaluate(Path(args.stages or cc.stages_dir), default_prompts(args.num_prompts, args.seed),
+                      seed=args.seed, sampling=resolve_sampling(args, cc), batch_size=args.batch_size,
+                      heldout=args.heldout, lpips=args.lpips, device=device,
+                      progress=not args.no_progress)
+    print(markdown(report))
+    for path in write_report(report, args.out):
+        print(f"wrote {path}")
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -200,14 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cascade", default=str(DEFAULT_CASCADE), help="cascade YAML")
     s.add_argument("--out", default="outputs")
     s.add_argument("--seed", type=int, default=0)
-    samplers = ("ddim", "dpmpp_2m", "euler_ancestral")
-    s.add_argument("--steps", type=int, help="sampling steps of every stage")
-    s.add_argument("--guidance", type=float, help="guidance scale of every stage")
-    s.add_argument("--sampler", choices=samplers, help="sampler of every stage")
-    for stage in ("base", "interp", "sr"):
-        s.add_argument(f"--{stage}-steps", type=int, help=f"the {stage} stage's steps")
-        s.add_argument(f"--{stage}-guidance", type=float, help=f"the {stage} stage's guidance")
-        s.add_argument(f"--{stage}-sampler", choices=samplers, help=f"the {stage} stage's sampler")
+    add_sampling_flags(s)
     s.add_argument("--num-videos", type=int, default=1)
     s.add_argument("--interp-passes", type=int, choices=(1, 2), help="run interp once (default) "
                    "or twice (frame rate x r^2)")
@@ -219,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "interp, lowres and final mp4s in a folder per video")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_sample)
+    e = sub.add_parser("eval", help="measure a trained cascade on the synthetic domain: prompt "
+                                    "adherence, temporal consistency, per-stage quality, ablations")
+    e.add_argument("--stages", help="folder of exported stages (default: the cascade's)")
+    e.add_argument("--cascade", default=str(DEFAULT_CASCADE), help="cascade YAML (sampling defaults)")
+    e.add_argument("--num-prompts", type=int, default=32, help="prompts covering the domain")
+    e.add_argument("--seed", type=int, default=0, help="picks the prompts, the noise, the truth clips")
+    e.add_argument("--out", default="outputs/eval")
+    add_sampling_flags(e)
+    e.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    e.add_argument("--heldout", type=int, default=8, help="held-out clips per stage for the "
+                   "per-stage quality (0: skip it)")
+    e.add_argument("--lpips", choices=("auto", "pretrained", "random", "off"), default="auto",
+                   help="LPIPS trunk: auto = ImageNet VGG when in the torch hub cache, else random")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -131,6 +131,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     warmup: int = 50
+    schedule: str = "constant"      # constant | cosine (decay to min_lr_ratio x lr at the last step)
+    min_lr_ratio: float = 0.02
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True         # decay ramps as min(decay, (1+n)/(10+n)) so short runs still track
@@ -169,6 +171,7 @@ CHOICES = {
     "diffusion.prediction": ("v", "eps", "x0"),
     "diffusion.sampler": ("ddim", "dpmpp_2m", "euler_ancestral"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.schedule": ("constant", "cosine"),
     "sr.downsample": ("area", "bilinear"),
 }
 

@@ -46,7 +46,7 @@ def layer_norm_modulate_ref(x, shift, scale, eps=1e-6, upcast=False):
     if upcast:
         x, shift, scale = x.float(), shift.float(), scale.float()
     y = F.layer_norm(x, x.shape[-1:], eps=eps)
-    return (y * (1 + scale[:, None]) + shift[:, None]).to(dtype)
+    return torch.addcmul(shift[:, None], y, 1 + scale[:, None]).to(dtype)   # one pass over y
 
 
 # ----------------------------------------------------------------------------------------------

@@ -157,9 +157,9 @@ def test_full_cascade_shapes_and_stage_outputs(full_run):
     # 4 base keyframes, K=3, r=2: groups at 0 and 1 -> (4-1)*2+1 = 7 frames; x2 resolution
     assert res.video.shape == (1, 3, 7, 32, 32) and res.video.abs().max() <= 1
     st = res.stages
-    assert st["keyframes_latent"].shape == (1, 4, 4, 8, 8)
+    assert st["keyframes_latent"].shape == (1, 8, 4, 8, 8)
     assert st["keyframes"].shape == (1, 3, 4, 16, 16)
-    assert st["interp_latent"].shape == (1, 4, 7, 8, 8)
+    assert st["interp_latent"].shape == (1, 8, 7, 8, 8)
     assert st["interp"].shape == st["lowres"].shape == (1, 3, 7, 16, 16)
     assert torch.equal(st["final"], res.video)
     assert torch.equal(st["interp_latent"][:, :, ::2], st["keyframes_latent"])   # keyframe slots
@@ -175,7 +175,7 @@ def test_two_interp_passes_and_per_stage_sampling(full, full_run):
                interp=StageSampling(steps=1), sr={"steps": 1, "guidance": 1.0, "sampler": "ddim"})
     # pass 2 takes pass 1's 7 frames as keyframes: groups at 0, 2, 4 -> (7-1)*2+1 = 13 frames
     assert two.video.shape == (1, 3, 13, 32, 32) and two.fps == 32
-    assert two.stages["interp_latent"].shape == (1, 4, 13, 8, 8)
+    assert two.stages["interp_latent"].shape == (1, 8, 13, 8, 8)
     assert torch.equal(two.stages["keyframes_latent"], res.stages["keyframes_latent"])  # same seed
     with pytest.raises(ValueError, match="unknown key"):
         pipe(PROMPT, sr={"step": 1}, progress=False)

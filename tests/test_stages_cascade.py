@@ -139,7 +139,7 @@ def test_tiny_configs_build():
     icfg = load_config(REPO / "configs/tiny/interp.yaml")
     assert keyframe_count(icfg.dit.frames, icfg.interp.rate) == 3
     dit = VideoDiT(icfg.dit)
-    assert dit.in_channels == 2 * 4 + 1 and dit.aug_embed is not None
+    assert dit.in_channels == 2 * 8 + 1 and dit.aug_embed is not None
     scfg = load_config(REPO / "configs/tiny/sr.yaml")
     VideoUNet(scfg.unet)
     assert scfg.data.height // scfg.sr.scale == 32              # the tiny VAE's output size
@@ -168,7 +168,7 @@ def test_prepare_shapes_and_determinism(name, assets):
     aug_max = cfg.interp.aug_max if name == "interp" else cfg.sr.aug_max
     assert a["aug_t"].shape == (B,) and torch.all((a["aug_t"] >= 0) & (a["aug_t"] <= aug_max))
     if name == "interp":
-        assert a["x0"].shape == (B, 4, 5, 8, 8) == a["noise"].shape == a["frames"].shape
+        assert a["x0"].shape == (B, 8, 5, 8, 8) == a["noise"].shape == a["frames"].shape
         assert a["frame_mask"].shape == (B, 1, 5, 8, 8)
         assert a["frame_mask"][0, 0, :, 0, 0].tolist() == [1, 0, 1, 0, 1]
         assert torch.all(a["frames"][:, :, [1, 3]] == 0)

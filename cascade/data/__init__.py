@@ -22,7 +22,7 @@ def build_dataset(data_cfg: DataConfig, split: str = "train"):
     d = data_cfg
     if d.kind == "synthetic":
         seed = d.seed + (HELDOUT_SEED_OFFSET if split == "val" else 0)
-        return SyntheticVideos(d.frames, d.height, d.width, seed=seed)
+        return SyntheticVideos(d.frames, d.height, d.width, seed=seed, fps=d.fps)
     if d.kind == "folder":
         for key in ("root", "manifest"):
             if not getattr(d, key):

@@ -42,7 +42,8 @@ DIRECTIONS = {                   # motion -> unit (dx, dy) in image coordinates 
 }
 MIN_CONTRAST = 100.0             # smallest RGB distance between an object and its background
 SIZE_RANGE = (0.12, 0.22)        # object "radius" as a fraction of min(H, W)
-SPEED_RANGE = (0.04, 0.08)       # displacement per frame as a fraction of the motion axis
+SPEED_RANGE = (0.04, 0.08)       # displacement per frame at REF_FPS, as a fraction of the motion axis
+REF_FPS = 8.0                    # the frame rate clips are drawn at by default (data.fps scales speed)
 
 
 def _allowed_backgrounds(colour: str) -> list[str]:
@@ -91,6 +92,62 @@ def random_prompts(n: int, seed: int = 0) -> list[str]:
     """n captions of the synthetic domain, deterministic by seed."""
     rng = np.random.default_rng((seed, 7))
     return [make_caption(**sample_meta(rng)) for _ in range(n)]
+
+
+def balanced_prompts(n: int, seed: int = 0) -> list[str]:
+    """n captions that cover the domain evenly, deterministic by seed: shapes, colours and motions
+    each go through a fresh random order of their whole vocabulary before any repeats (so any n
+    consecutive captions name each shape, colour and motion n/len(vocab) times, +-1), and each
+    caption's background cycles through the ones its colour allows."""
+    rng = np.random.default_rng((seed, 11))
+
+    def cycle(vocab):                      # a random permutation, again and again
+        out = []
+        while len(out) < n:
+            out += [vocab[i] for i in rng.permutation(len(vocab))]
+        return out[:n]
+
+    shapes, colours, motions = cycle(SHAPES), cycle(list(COLOURS)), cycle(MOTIONS)
+    seen = {c: int(rng.integers(len(ALLOWED_BACKGROUNDS[c]))) for c in COLOURS}  # per-colour offset
+    prompts = []
+    for shape, colour, motion in zip(shapes, colours, motions):
+        allowed = ALLOWED_BACKGROUNDS[colour]
+        prompts.append(make_caption(shape, colour, motion, allowed[seen[colour] % len(allowed)]))
+        seen[colour] += 1
+    return prompts
+
+
+def place(meta: dict, rng: np.random.Generator, frames: int, height: int, width: int,
+          time_scale: float = 1.0) -> dict:
+    """Discrete factors (shape, colour, motion, background) -> the same dict plus size, speed, start
+    and velocity in pixels (per frame), drawn from rng for a clip of `frames` frames of height x
+    width: object size and speed vary; the start is chosen so the object stays in frame over the
+    whole clip, and the travel is clamped to the room there is (so long clips stay in frame too).
+    time_scale: the clip's frame rate over REF_FPS, the rate SPEED_RANGE is measured at; a clip at
+    4x the rate shows the same motion in 4x the frames (the interpolation stage trains on those)."""
+    meta = _place(meta, rng, (frames - 1) / time_scale + 1, height, width)
+    meta["velocity"] = tuple(v / time_scale for v in meta["velocity"])
+    meta["speed"] /= time_scale
+    return meta
+
+
+def _place(meta: dict, rng: np.random.Generator, frames: float, height: int, width: int) -> dict:
+    meta = dict(meta)
+    T, H, W = frames, height, width
+    size = float(rng.uniform(*SIZE_RANGE) * min(H, W))
+    margin = 1.2 * size + 0.5                          # keeps (almost) every shape in frame
+    dx, dy = DIRECTIONS[meta["motion"]]
+    axis_len = W if dx else H
+    room = max(axis_len - 2 * margin, 0.0)             # travel available along the motion axis
+    speed = float(rng.uniform(*SPEED_RANGE) * axis_len) if (dx or dy) else 0.0
+    if T > 1:
+        speed = min(speed, room / (T - 1))
+    travel = speed * max(T - 1, 0)
+    # start anywhere that leaves room for the whole travel in the direction of motion
+    x0 = _uniform(rng, min(margin, W / 2) + travel * (dx < 0), max(W - margin, W / 2) - travel * (dx > 0))
+    y0 = _uniform(rng, min(margin, H / 2) + travel * (dy < 0), max(H - margin, H / 2) - travel * (dy > 0))
+    meta.update(size=size, speed=speed, start=(x0, y0), velocity=(speed * dx, speed * dy))
+    return meta
 
 
 def _box(px, py, bx, by):
@@ -150,15 +207,16 @@ def _uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
 class SyntheticVideos(Dataset):
     """Map-style, "infinite" data set of (video, caption, meta), a pure function of (seed, index).
 
-    Object size and speed vary; the start is chosen so the object stays in frame over the whole
-    clip, and the travel is clamped to the room there is (so long clips stay in frame too).
+    Each sample: random discrete factors (`sample_meta`), then size, speed and start (`place`).
     T=1 gives an image (its first frame).
     """
 
-    def __init__(self, frames: int, height: int, width: int, seed: int = 0):
-        if min(frames, height, width) <= 0:
-            raise ValueError(f"frames, height, width must be positive, got {frames}, {height}, {width}")
+    def __init__(self, frames: int, height: int, width: int, seed: int = 0, fps: float = REF_FPS):
+        if min(frames, height, width, fps) <= 0:
+            raise ValueError(f"frames, height, width, fps must be positive, got {frames}, {height}, "
+                             f"{width}, {fps}")
         self.frames, self.height, self.width, self.seed = frames, height, width, seed
+        self.time_scale = fps / REF_FPS                  # motion per frame shrinks at higher fps
 
     def __len__(self) -> int:
         return 2 ** 31
@@ -166,23 +224,7 @@ class SyntheticVideos(Dataset):
     def meta(self, index: int) -> dict:
         """The full description of sample `index`: discrete factors + size, speed, start (pixels)."""
         rng = np.random.default_rng((self.seed, index))
-        meta = sample_meta(rng)
-        T, H, W = self.frames, self.height, self.width
-        size = float(rng.uniform(*SIZE_RANGE) * min(H, W))
-        margin = 1.2 * size + 0.5                          # keeps (almost) every shape in frame
-        dx, dy = DIRECTIONS[meta["motion"]]
-        axis_len = W if dx else H
-        room = max(axis_len - 2 * margin, 0.0)             # travel available along the motion axis
-        speed = float(rng.uniform(*SPEED_RANGE) * axis_len) if (dx or dy) else 0.0
-        if T > 1:
-            speed = min(speed, room / (T - 1))
-        travel = speed * (T - 1)
-        # start anywhere that leaves room for the whole travel in the direction of motion
-        x0 = _uniform(rng, min(margin, W / 2) + travel * (dx < 0), max(W - margin, W / 2) - travel * (dx > 0))
-        y0 = _uniform(rng, min(margin, H / 2) + travel * (dy < 0), max(H - margin, H / 2) - travel * (dy > 0))
-        meta.update(size=size, speed=speed, start=(x0, y0),
-                    velocity=(speed * dx, speed * dy))
-        return meta
+        return place(sample_meta(rng), rng, self.frames, self.height, self.width, self.time_scale)
 
     def __getitem__(self, index: int) -> dict:
         meta = self.meta(int(index))

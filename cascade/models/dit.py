@@ -51,28 +51,36 @@ def grid_positions(T: int, H: int, W: int, device) -> torch.Tensor:
 
 
 class Rope3D(nn.Module):
-    """3D rotary position embedding: head_dim split in three bands (time, height, width)."""
+    """3D rotary position embedding: head_dim split in three bands (time, height, width).
+
+    Dims (2j, 2j+1) form the complex number x_2j + i x_2j+1, rotated by position * inv_freq
+    (RoFormer eq. 34); the dims past the three bands pass through (a rotation by 0). The rotation is
+    one complex multiply over all D/2 pairs, with the unit phases computed once per forward for q
+    and k of every block, instead of slicing, stacking and concatenating per attention call."""
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim (dit.hidden / dit.heads), got {head_dim}")
         self.band = 2 * (head_dim // 6)                                 # rotated dims per axis
         self.head_dim = head_dim
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, self.band, 2).float() / self.band),
                              persistent=False)
 
-    def angles(self, T, H, W, device):
+    def phases(self, T, H, W, device) -> torch.Tensor:
+        """(T, S, D/2) complex unit phases exp(i * angle); 1 on the pass-through pairs."""
         pos = grid_positions(T, H, W, device).float()                   # (N, 3)
-        ang = pos[:, :, None] * self.inv_freq[None, None]               # (N, 3, band/2)
-        return ang.reshape(T, H * W, -1)                                # (T, S, 3*band/2)
+        ang = (pos[:, :, None] * self.inv_freq.to(device)[None, None]).reshape(T, H * W, -1)
+        ang = F.pad(ang, (0, self.head_dim // 2 - ang.shape[-1]))       # (T, S, D/2)
+        return torch.polar(torch.ones_like(ang), ang)
 
-    def forward(self, x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, S, heads, D); ang: (T, S, R/2) with R = 3*band rotated dims."""
-        r = ang.shape[-1] * 2
-        x_rot, x_pass = x[..., :r].float(), x[..., r:]
-        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]                      # (B, T, S, heads, R/2)
-        cos, sin = ang.cos()[None, :, :, None], ang.sin()[None, :, :, None]
-        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-        return torch.cat([out.to(x.dtype), x_pass], dim=-1)
+    def forward(self, x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, S, ..., D), any strides with a unit last stride (e.g. q and k together as a
+        view of the fused qkv projection); phases: (T, S, D/2) -> rotated x, contiguous, x's dtype."""
+        B, T, S, *mid, D = x.shape
+        z = torch.view_as_complex(x.float().unflatten(-1, (D // 2, 2)))     # (B, T, S, ..., D/2)
+        z = z * phases.view(T, S, *[1] * len(mid), D // 2)
+        return torch.view_as_real(z).flatten(-2).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -84,12 +92,14 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x, mode: str, rope: Rope3D | None, ang):
+    def forward(self, x, mode: str, rope: Rope3D | None, phases):
         B, T, S, C = x.shape
         qkv = self.qkv(x).view(B, T, S, 3, self.heads, C // self.heads)  # (B, T, S, 3, h, d)
-        q, k, v = qkv.unbind(3)                                          # strided views, no copy
-        if rope is not None:
-            q, k = rope(q, ang), rope(k, ang)
+        if rope is not None:                                             # q and k in one multiply
+            q, k = rope(qkv[:, :, :, :2], phases).unbind(3)
+            v = qkv[:, :, :, 2]
+        else:
+            q, k, v = qkv.unbind(3)                                      # strided views, no copy
         o = spacetime_attention(q, k, v, mode=mode)                       # (B, T, S, h, d)
         return self.proj(o.reshape(B, T, S, C))
 
@@ -128,21 +138,21 @@ class DiTBlock(nn.Module):
         self.n_mod = 9 if self.factorised else 6
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, self.n_mod * cfg.hidden))
 
-    def forward(self, x, c, text, mask, rope, ang):
+    def forward(self, x, c, text, mask, rope, phases):
         B, T, S, C = x.shape
-        mods = self.ada(c).chunk(self.n_mod, dim=-1)                      # each (B, C)
+        mods = self.ada(c).view(B, self.n_mod, 1, 1, C).unbind(1)        # each (B, 1, 1, C)
         flat = lambda y: y.reshape(B, T * S, C)                            # noqa: E731
         grid = lambda y: y.reshape(B, T, S, C)                             # noqa: E731
-        sh, sc, g = mods[0:3]
-        x = x + g[:, None, None] * self.attn(grid(layer_norm_modulate(flat(x), sh, sc)),
-                                             "spatial" if self.factorised else "full", rope, ang)
+        lnm = lambda y, sh, sc: grid(layer_norm_modulate(flat(y), sh.view(B, C), sc.view(B, C)))  # noqa: E731
+        sh, sc, g = mods[0:3]                                              # x + g * f(...): one addcmul
+        x = torch.addcmul(x, g, self.attn(lnm(x, sh, sc), "spatial" if self.factorised else "full",
+                                          rope, phases))
         if self.factorised:
             sh, sc, g = mods[3:6]
-            x = x + g[:, None, None] * self.temporal(grid(layer_norm_modulate(flat(x), sh, sc)),
-                                                     "temporal", rope, ang)
+            x = torch.addcmul(x, g, self.temporal(lnm(x, sh, sc), "temporal", rope, phases))
         x = x + grid(self.cross(self.norm_cross(flat(x)), text, mask))
         sh, sc, g = mods[-3:]
-        return x + g[:, None, None] * grid(self.mlp(layer_norm_modulate(flat(x), sh, sc)))
+        return torch.addcmul(x, g, grid(self.mlp(flat(lnm(x, sh, sc)))))
 
 
 class FinalLayer(nn.Module):
@@ -235,9 +245,9 @@ class VideoDiT(nn.Module):
         tok = rearrange(x, "b c (t pt) (h ph) (w pw) -> b t (h w) (c pt ph pw)",
                         pt=c.patch_t, ph=c.patch_h, pw=c.patch_w)
         h = self.patch(tok)                                                # (B, Tp, S, C)
-        ang = None
+        phases = None
         if self.rope is not None:
-            ang = self.rope.angles(Tp, Hp, Wp, x.device)                   # (Tp, S, R/2)
+            phases = self.rope.phases(Tp, Hp, Wp, x.device)                   # (Tp, S, d/2) complex
         else:
             pos = grid_positions(Tp, Hp, Wp, x.device)
             d = c.hidden // 3 // 2 * 2
@@ -250,7 +260,7 @@ class VideoDiT(nn.Module):
         mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device),
                           cond["text_mask"].bool()], dim=1)                # (B, 1 + L)
         for blk in self.blocks:
-            h = blk(h, emb, text, mask, self.rope, ang)
+            h = blk(h, emb, text, mask, self.rope, phases)
         out = self.final(h.reshape(B, Tp * Hp * Wp, c.hidden), emb)        # (B, N, p*Cout)
         return rearrange(out, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
                          t=Tp, h=Hp, w=Wp, pt=c.patch_t, ph=c.patch_h, pw=c.patch_w)

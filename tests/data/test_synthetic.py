@@ -7,8 +7,8 @@ import torch
 
 from cascade.config import DataConfig
 from cascade.data import build_dataset, collate
-from cascade.data.synthetic import (BACKGROUNDS, COLOURS, MOTIONS, SHAPES, SyntheticVideos,
-                                    parse_caption, random_prompts)
+from cascade.data.synthetic import (ALLOWED_BACKGROUNDS, BACKGROUNDS, COLOURS, MOTIONS, SHAPES,
+                                    SyntheticVideos, balanced_prompts, parse_caption, random_prompts)
 
 
 def test_deterministic_by_seed_and_index():
@@ -94,6 +94,17 @@ def test_random_prompts():
     assert len(p) == 20 and all(parse_caption(c) for c in p)
 
 
+def test_balanced_prompts_cover_the_domain_evenly():
+    p = balanced_prompts(40, seed=1)
+    assert p == balanced_prompts(40, seed=1) and p != balanced_prompts(40, seed=2)
+    parsed = [parse_caption(c) for c in p]
+    for key, vocab in (("shape", SHAPES), ("colour", COLOURS), ("motion", MOTIONS)):
+        counts = [sum(m[key] == v for m in parsed) for v in vocab]
+        assert max(counts) - min(counts) <= 1 and min(counts) >= 5, (key, counts)
+    assert all(m["background"] in ALLOWED_BACKGROUNDS[m["colour"]] for m in parsed)
+    assert {m["background"] for m in parsed} == set(BACKGROUNDS)
+
+
 def test_fast():
     ds = SyntheticVideos(8, 32, 32)
     ds[0]
@@ -114,3 +125,13 @@ def test_build_dataset_splits_and_collate():
     with pytest.raises(ValueError, match="split"):
         build_dataset(cfg, "bogus")
     np.testing.assert_array_equal(batch["video"][1].numpy(), train[1]["video"].numpy())
+
+
+def test_fps_scales_the_motion_per_frame():
+    """A clip at 4x the frame rate shows the same motion in 4x the frames: its frames 0, 4, 8 are
+    the 8-fps clip's frames 0, 1, 2 (what the interpolation stage learns to fill in)."""
+    slow = SyntheticVideos(3, 32, 32, seed=4, fps=8)
+    fast = SyntheticVideos(9, 32, 32, seed=4, fps=32)
+    for i in range(6):
+        torch.testing.assert_close(fast[i]["video"][:, ::4], slow[i]["video"], atol=1e-5, rtol=0)
+        assert fast[i]["caption"] == slow[i]["caption"]

@@ -105,7 +105,7 @@ def test_spatial_attention_is_within_frame():
 def test_rope_is_relative():
     """RoPE: <R(p) q, R(p') k> depends only on p - p' (RoFormer eq. 16)."""
     rope = Rope3D(24)
-    ang = rope.angles(5, 4, 4, "cpu")                                   # (T, S, R/2)
+    ang = rope.phases(5, 4, 4, "cpu")                                   # (T, S, D/2)
     q = torch.randn(24).expand(1, 5, 16, 1, 24)
     k = torch.randn(24).expand(1, 5, 16, 1, 24)
     rq, rk = rope(q, ang)[0, :, :, 0], rope(k, ang)[0, :, :, 0]          # (T, S, D)
