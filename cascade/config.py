@@ -145,6 +145,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = True             # resume from the latest checkpoint in out_dir if one exists
     vae_dir: str = ""               # latent stages: folder of the trained VAE export
+    init_from: str = ""             # start from this stage export's weights (e.g. vae.decoder_only fine-tuning)
     num_workers: int = 0
 
 
@@ -194,6 +195,10 @@ def validate(cfg: StageConfig) -> StageConfig:
                 "vae.latent_channels", "diffusion.steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    if not 0 <= cfg.data.image_fraction <= 1:
+        raise ConfigError(f"data.image_fraction: must be in [0, 1], got {cfg.data.image_fraction}")
+    if cfg.data.image_fraction and cfg.stage == "interp":
+        raise ConfigError("data.image_fraction: the interp stage cannot train on 1-frame clips")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage: must be 0..3, got {cfg.train.zero_stage}")
     if len(cfg.vae.temporal_down) != len(cfg.vae.channel_mults) - 1:

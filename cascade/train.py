@@ -158,6 +158,30 @@ def lr_lambda(t) -> callable:
     return factor
 
 
+def image_step(seed: int, step: int, fraction: float) -> bool:
+    """Joint image-video training (W.A.L.T, Gupta et al. 2023: an image is a 1-frame video): a
+    `fraction` of the steps train on the first frame of each clip. Decided by (seed, step) alone, so
+    every process and a resumed run agree."""
+    if fraction <= 0:
+        return False
+    return torch.rand(1, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)).item() < fraction
+
+
+def init_weights(net: torch.nn.Module, folder: str, stage: str) -> None:
+    """Load an exported stage's weights into net before training (a checkpoint resume replaces
+    them later). A missing or mismatched tensor is a one-line error naming it."""
+    from cascade.stages import load_export
+    _, state = load_export(folder, expect_stage=stage)
+    own = net.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise ValueError(f"train.init_from: {folder} has no tensor '{k}' (a different model?)")
+        if state[k].shape != v.shape:
+            raise ValueError(f"train.init_from: '{k}' is {tuple(state[k].shape)} in {folder}, "
+                             f"{tuple(v.shape)} in this model's config")
+    net.load_state_dict({k: state[k] for k in own})
+
+
 def latest_step(ckpt_dir: Path) -> int | None:
     latest = ckpt_dir / "latest"
     if not latest.is_file():
@@ -179,6 +203,8 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     torch.manual_seed(t.seed)                                            # same init on every rank
     stage = build_stage(cfg, device)
     net = stage.net.to(device)
+    if t.init_from:
+        init_weights(net, t.init_from, cfg.stage)
     params = [p for p in net.parameters() if p.requires_grad]
     # fused: one kernel per step over all parameters (CPU and CUDA), not a dozen ops per tensor
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
@@ -212,6 +238,8 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
         totals: dict[str, float] = {}
         for micro in range(t.grad_accum):
             batch = next(batches)
+            if image_step(t.seed, step, cfg.data.image_fraction):              # W.A.L.T joint training
+                batch = {**batch, "video": batch["video"][:, :, :1]}
             gens = sample_generators(t.seed, step_indices(step, micro, rank, cfg, world))
             inputs = stage.prepare(batch, gens, device)
             loss, logs = engine(inputs)

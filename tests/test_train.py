@@ -115,3 +115,39 @@ def test_two_processes_zero2_match_one_process(tmp_path):
     assert len(a) == len(b) == 12
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=2e-4, abs=1e-6), (ra["step"], ra, rb)
+
+
+def test_image_step_fraction_and_determinism():
+    from cascade.train import image_step
+    picks = [image_step(0, s, 0.25) for s in range(2000)]
+    assert 0.2 < sum(picks) / len(picks) < 0.3
+    assert picks == [image_step(0, s, 0.25) for s in range(2000)]          # same on every rank
+    assert not any(image_step(0, s, 0.0) for s in range(100))
+    assert all(image_step(0, s, 1.0) for s in range(100))
+
+
+def test_decoder_only_finetune_from_an_export(tmp_path):
+    """vae.decoder_only + train.init_from (Video LDM's temporal decoder fine-tuning): training
+    starts from the export's weights, the encoder stays exactly as it was, the decoder moves."""
+    from safetensors.torch import load_file
+    from cascade.config import ConfigError
+    from cascade.models.vae import VideoVAE
+    from cascade.train import export, train
+    base = load_config(REPO / "configs/tiny/vae.yaml", TINY_VAE + ["data.image_fraction=0.5"])
+    torch.manual_seed(1)
+    start = VideoVAE(base.vae).state_dict()
+    export(base, start, tmp_path / "init", {})
+    cfg = load_config(REPO / "configs/tiny/vae.yaml", TINY_VAE + [
+        "vae.decoder_only=true", f"train.init_from={tmp_path / 'init'}", "train.ema_decay=0.0",
+        "train.ema_warmup=false", "train.steps=3", "train.ckpt_every=3", f"train.out_dir={tmp_path / 'ft'}"])
+    out = load_file(str(train(cfg, progress=False) / "model.safetensors"))
+    enc = [k for k in start if k.startswith("encoder.")]
+    dec = [k for k in start if k.startswith("decoder.") and k.endswith("weight")]
+    assert enc and all(torch.equal(out[k], start[k]) for k in enc)
+    assert any(not torch.equal(out[k], start[k]) for k in dec)
+    wide = load_config(REPO / "configs/tiny/vae.yaml", TINY_VAE + [
+        "vae.channels=16", f"train.init_from={tmp_path / 'init'}", f"train.out_dir={tmp_path / 'w'}"])
+    with pytest.raises(ValueError, match="train.init_from"):
+        train(wide, progress=False)
+    with pytest.raises(ConfigError, match="data.image_fraction"):
+        load_config(REPO / "configs/tiny/interp.yaml", ["data.image_fraction=0.2"])
