@@ -100,12 +100,17 @@ class ResBlock(nn.Module):
 
 
 class FrameAttention(nn.Module):
-    """LDM's mid-block self-attention, within each frame (spatial), so causality in time holds."""
+    """LDM's mid-block self-attention, within each frame (spatial), so causality in time holds.
+
+    Its input is always normalised, also with groups = 0 (then one group: each frame's features
+    to zero mean, unit variance): without it the q.k logits grow unbounded and the attention's
+    backward turned NaN mid-run (tiny VAE, step 539 at lr 2e-3). In this residual branch the norm
+    does not remove the frame's colours from the main path."""
 
     def __init__(self, ch: int, groups: int):
         super().__init__()
         self.heads = next(h for h in range(1, ch + 1) if ch % h == 0 and ch // h <= 128)
-        self.norm = GroupNormSiLU(groups, ch, silu=False)
+        self.norm = GroupNormSiLU(groups or 1, ch, silu=False)
         self.qkv, self.out = CausalConv3d(ch, 3 * ch, 1), CausalConv3d(ch, ch, 1)
 
     def forward(self, x):                                                    # (B, C, T, H, W)
