@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CASCADE = REPO / "configs" / "cascade" / "tiny.yaml"
+DEFAULT_CASCADE = REPO / "configs" / "cascade" / "tiny_full.yaml"
 
 
 @dataclass
@@ -51,6 +51,7 @@ class CascadeConfig:
     """A cascade: where its stages live and the `cascade train` runs that make them, in order."""
     name: str = "tiny"
     stages_dir: str = "runs/tiny"
+    weights_dir: str = ""                # the trained stages the repository ships (relative to it)
     train: list[StageRun] = field(default_factory=list)
     sample: SampleDefaults = field(default_factory=SampleDefaults)
 
@@ -87,6 +88,29 @@ def train_cascade(path, extra: list[str] = (), progress: bool = True,
         print(f"[{cfg.stage}] cascade train {run.config} {' '.join(run.overrides)}")
         train(cfg, progress=progress)
     return Path(cc.stages_dir)
+
+
+def find_stages(args, cc: CascadeConfig, wanted: set[str]) -> Path:
+    """Where sampling reads its stages: --stages when given; else the cascade's stages_dir when it
+    holds every wanted stage (the user's own training); else the shipped weights_dir when it does;
+    else stages_dir, trained on first use (once; later runs reuse it)."""
+    from cascade.pipeline import has_stage
+    if args.stages is not None:
+        return Path(args.stages)
+    stages = Path(cc.stages_dir)
+    need = [s for s in cascade_stages(cc) if s in wanted]
+    if all(has_stage(stages, s) for s in need):
+        return stages
+    shipped = REPO / cc.weights_dir if cc.weights_dir else None
+    if shipped is not None and all(has_stage(shipped, s) for s in need):
+        print(f"using the trained {cc.name} stages shipped in {shipped} "
+              f"(yours go to {stages}: cascade train-cascade <cascade yaml>)")
+        return shipped
+    missing = [s for s in need if not has_stage(stages, s)]
+    print(f"no trained {', '.join(missing)} stage(s) in {stages}: training the {cc.name} "
+          f"cascade first (once; later samples reuse it)")
+    train_cascade(args.cascade, only=missing)
+    return stages
 
 
 def cmd_train(args) -> None:
@@ -152,19 +176,13 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 def cmd_sample(args) -> None:
     import torch
 
-    from cascade.pipeline import Pipeline, format_table, has_stage
+    from cascade.pipeline import Pipeline, format_table
     from cascade.video_io import contact_sheet, write_mp4
     prompts = read_prompts(args)
     cc = load_cascade(args.cascade)
-    stages = Path(args.stages or cc.stages_dir)
-    if args.stages is None:
-        wanted = {"vae", "base"} | ({"interp"} if not args.no_interp else set()) \
-            | ({"sr"} if not args.no_sr else set())
-        missing = [s for s in cascade_stages(cc) if s in wanted and not has_stage(stages, s)]
-        if missing:
-            print(f"no trained {', '.join(missing)} stage(s) in {stages}: training the {cc.name} "
-                  f"cascade first (once; later samples reuse it)")
-            train_cascade(args.cascade, only=missing)
+    wanted = {"vae", "base"} | ({"interp"} if not args.no_interp else set()) \
+        | ({"sr"} if not args.no_sr else set())
+    stages = find_stages(args, cc, wanted)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tic = time.perf_counter()
     pipe = Pipeline(stages, device, use_interp=False if args.no_interp else None,
@@ -199,7 +217,7 @@ def cmd_eval(args) -> None:
     from cascade.evaluate import default_prompts, evaluate, markdown, write_report
     cc = load_cascade(args.cascade)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    report = evaluate(Path(args.stages or cc.stages_dir), default_prompts(args.num_prompts, args.seed),
+    report = evaluate(find_stages(args, cc, {"vae", "base", "interp", "sr"}), default_prompts(args.num_prompts, args.seed),
                       seed=args.seed, sampling=resolve_sampling(args, cc), batch_size=args.batch_size,
                       heldout=args.heldout, lpips=args.lpips, device=device,
                       progress=not args.no_progress)

@@ -285,3 +285,29 @@ def test_cli_stage_sampling_precedence(full, tmp_path, monkeypatch):
     assert main(argv + ["--steps", "2", "--base-guidance", "1.5", "--interp-passes", "2"]) == 2
     assert seen["base"] == StageSampling(2, 1.5, "dpmpp_2m") and seen["interp_passes"] == 2
     assert seen["interp"] == seen["sr"] == StageSampling(2, None, None)
+
+
+def test_find_stages_prefers_own_then_shipped_then_trains(full, tmp_path, monkeypatch):
+    """--stages; else stages_dir when complete; else the shipped weights_dir; else train."""
+    import argparse
+
+    from cascade import cli
+    trained = []
+    monkeypatch.setattr(cli, "train_cascade", lambda path, only=None, **kw: trained.append(only))
+    yaml = tmp_path / "c.yaml"
+    own = tmp_path / "own"
+
+    def find(stages=None, weights=""):
+        yaml.write_text((REPO / "configs/cascade/tiny_full.yaml").read_text()
+                        .replace("stages_dir: runs/tiny", f"stages_dir: {own}")
+                        .replace("weights_dir: weights/tiny", f"weights_dir: '{weights}'"))
+        args = argparse.Namespace(stages=stages, cascade=str(yaml))
+        return cli.find_stages(args, cli.load_cascade(yaml), {"vae", "base", "interp", "sr"})
+
+    assert find(stages=str(full)) == full and not trained
+    assert find(weights=str(full)) == full and not trained                    # shipped
+    assert find(weights="") == own and trained == [["vae", "base", "interp", "sr"]]
+    own.mkdir()
+    for name in ("vae", "base", "interp", "sr"):
+        (own / name).symlink_to(full / name)
+    assert find(weights=str(tmp_path / "nowhere")) == own and len(trained) == 1
