@@ -55,6 +55,15 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
+def temporal_error(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Flicker of a reconstruction: mean |(r_t+1 - r_t) - (x_t+1 - x_t)| over consecutive frames,
+    in 8-bit levels, per sample -> (B,). 0 when the reconstruction changes exactly as the video does
+    (a constant error per frame costs nothing; an error that jumps between frames does). The
+    quantity Video LDM's temporal decoder fine-tuning lowers (Blattmann et al. 2023, Sec. 3.1.1)."""
+    dx, dr = x.float().diff(dim=2), recon.float().clamp(-1, 1).diff(dim=2)  # (B, 3, T-1, H, W)
+    return (dr - dx).abs().flatten(1).mean(1) * 127.5
+
+
 def _frames(video: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return video[:, :, idx].transpose(1, 2).flatten(0, 1)                   # (B*n, 3, H, W)
 

@@ -114,18 +114,26 @@ class VAEStage:
         """Before export: set the latent scale to 1/std of the latents (LDM Sec. 4.3.2) and measure
         held-out reconstruction PSNR, both on `clips` clips of the validation split."""
         from cascade.data import build_dataset
-        from cascade.losses import psnr
         from cascade.models.vae import VideoVAE
         vae = VideoVAE(self.cfg.vae)
         vae.load_state_dict(state)
         vae.eval()
         data = build_dataset(self.cfg.data, split="val")
         videos = torch.stack([data[i]["video"] for i in range(clips)])       # (N, 3, T, H, W)
-        batches = videos.split(8)
-        scale = vae.calibrate_scale(batches)
-        recon = torch.cat([vae(v, sample=False)[0] for v in batches])
-        metrics = {"heldout_psnr_db": psnr(videos, recon).mean().item(), "latent_scale": scale}
-        return vae.state_dict(), metrics
+        scale = vae.calibrate_scale(videos.split(8))
+        return vae.state_dict(), {**vae_heldout_metrics(vae, videos), "latent_scale": scale}
+
+
+@torch.no_grad()
+def vae_heldout_metrics(vae, videos: torch.Tensor) -> dict:
+    """Reconstruction (posterior mode) of held-out clips (N, 3, T, H, W): mean PSNR in dB and the
+    temporal error (flicker, 8-bit levels; cascade.losses.temporal_error)."""
+    from cascade.losses import psnr, temporal_error
+    recon = torch.cat([vae(v, sample=False)[0] for v in videos.split(8)])
+    out = {"heldout_psnr_db": psnr(videos, recon).mean().item()}
+    if videos.shape[2] > 1:
+        out["heldout_temporal_error"] = temporal_error(videos, recon).mean().item()
+    return out
 
 
 class BaseStage:

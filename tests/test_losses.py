@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cascade.config import VAEConfig
-from cascade.losses import L2_WEIGHT, VAELoss, build_lpips, psnr
+from cascade.losses import L2_WEIGHT, VAELoss, build_lpips, psnr, temporal_error
 from cascade.models.vae import DiagonalGaussian
 
 
@@ -21,6 +21,14 @@ def test_psnr_identical_is_inf_and_known_noise():
     g = torch.Generator().manual_seed(0)       # Gaussian noise of std 0.02 in [0, 1]: ~33.98 dB
     noisy = a + 0.04 * torch.randn(a.shape, generator=g)
     assert psnr(a, noisy).mean().item() == pytest.approx(20 * math.log10(1 / 0.02), abs=0.3)
+
+
+def test_temporal_error_counts_flicker_not_constant_error():
+    x = torch.rand(2, 3, 5, 8, 8) * 1.6 - 0.8
+    assert temporal_error(x, x + 0.1).abs().max() < 1e-4                  # constant error: no flicker
+    flicker = x.clone()
+    flicker[:, :, 1::2] += 0.2                                             # odd frames brighter
+    torch.testing.assert_close(temporal_error(x, flicker), torch.full((2,), 0.2 * 127.5))
 
 
 def test_loss_terms_and_weights():
