@@ -11,6 +11,7 @@ asked for, and then they must be there).
 """
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 import time
@@ -125,6 +126,15 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _malloc_trim() -> None:
+    """Return the C heap's free pages to the OS (glibc; a no-op elsewhere): without it a stage that
+    reuses pages an earlier stage freed (but the heap kept mapped) adds no RSS and reads as 0."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _ru_maxrss_bytes() -> int:
     kb_or_b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb_or_b if sys.platform == "darwin" else kb_or_b * 1024      # Linux reports kB
@@ -137,7 +147,8 @@ class PeakMemory:
     On a GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats, i.e. the peak of the
     tensors allocated while the stage ran (weights of every loaded stage included).
     On a CPU (Linux): the process's peak RSS (VmHWM, reset per stage through /proc/self/clear_refs)
-    minus its RSS when the stage began: the memory the stage added at its peak. Elsewhere: the
+    minus its RSS when the stage began (after glibc's malloc_trim hands freed heap pages back, so
+    reused pages count): the memory the stage added at its peak. Elsewhere: the
     increase of resource.getrusage's lifetime peak RSS, which is 0 for a stage that stays below an
     earlier stage's peak."""
 
@@ -159,6 +170,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif "VmHWM" in self.kind:
+            _malloc_trim()
             _reset_peak_rss()
             start = (_proc_status_kb("VmRSS") or 0) * 1024
         else:
