@@ -69,7 +69,32 @@ from kernels.dispatch import interpreting, use_triton
 # PyTorch references (the only ones: tests and benchmarks import these)
 # ----------------------------------------------------------------------------------------------
 
-def spacetime_attention_ref(q, k, v, mode="spatial", causal=False, scale=None, upcast=False):
+# CPU: when the score matrices of one call fit in this many bytes, softmax(Q K^T) V with two batched
+# matmuls beats SDPA's flash kernel for CPU (one thread, fwd+bwd: 16 frames x 2 heads x 256 tokens,
+# 8 MiB of scores: 15.9 vs 24.3 ms; 128 x 4 heads x 16 tokens: 1.6 vs 4.0 ms); above it, 16 x 8
+# heads x 256 tokens (32 MiB): 157 vs 72 ms, flash wins (a microbenchmark on the 2-core dev machine
+# beside other jobs). Never on GPUs, where Triton or SDPA's kernels run.
+MATH_SCORES_BYTES = 8 << 20
+
+
+def _sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, fast=False):
+    """F.scaled_dot_product_attention (q, k, v: (..., L, D)); fast=True on a CPU with small score
+    matrices: the same attention as two matmuls around a softmax (MATH_SCORES_BYTES)."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    if not (fast and q.device.type == "cpu" and
+            q.numel() // q.shape[-1] * Lk * q.element_size() <= MATH_SCORES_BYTES):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                              scale=scale)
+    s = torch.matmul(q * (scale if scale is not None else q.shape[-1] ** -0.5), k.transpose(-1, -2))
+    if is_causal:
+        attn_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(s.softmax(-1), v)
+
+
+def spacetime_attention_ref(q, k, v, mode="spatial", causal=False, scale=None, upcast=False,
+                            fast=False):
     """q, k, v: (B, T, S, H, D) -> (B, T, S, H, D). mode: spatial | temporal | full."""
     B, T, S, H, D = q.shape
     dtype = q.dtype
@@ -90,21 +115,21 @@ def spacetime_attention_ref(q, k, v, mode="spatial", causal=False, scale=None, u
             raise ValueError("causal attention is defined for temporal and full modes")
     else:
         is_causal = False
-    o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=is_causal and mask is None,
-                                       scale=scale)
+    o = _sdpa(qq, kk, vv, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale,
+              fast=fast)
     inverse = {"spatial": "(b t) h s d -> b t s h d", "temporal": "(b s) h t d -> b t s h d",
                "full": "b h (t s) d -> b t s h d"}[mode]
     return rearrange(o, inverse, b=B, t=T, s=S).to(dtype)
 
 
-def cross_attention_ref(q, k, v, key_mask=None, scale=None, upcast=False):
+def cross_attention_ref(q, k, v, key_mask=None, scale=None, upcast=False, fast=False):
     """q: (B, N, H, D); k, v: (B, L, H, D); key_mask: (B, L) bool, True = attend -> (B, N, H, D)."""
     dtype = q.dtype
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask, scale=scale)
+    o = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+              fast=fast)
     return o.transpose(1, 2).to(dtype)
 
 
@@ -595,7 +620,7 @@ def spacetime_attention(q, k, v, mode="spatial", causal=False, scale=None, backe
     and earlier frames). Flash-style (Dao 2022, 2023) when Triton runs, the reference otherwise."""
     if use_triton(backend, q, k, v):
         return _FlashAttention.apply(q, k, v, _spacetime_problem(q, k, v, mode, causal, scale))
-    return spacetime_attention_ref(q, k, v, mode, causal, scale)
+    return spacetime_attention_ref(q, k, v, mode, causal, scale, fast=True)
 
 
 def cross_attention(q, k, v, key_mask=None, scale=None, backend=None):
@@ -617,7 +642,7 @@ def cross_attention(q, k, v, key_mask=None, scale=None, backend=None):
         prob = _Problem(kind="cross", nb=B, nb_inner=1, lq=N, lk=L, l_inner=1, split=False, heads=H,
                         head_dim=D, scale=_scale(scale, D), group=0, causal=False, key_mask=key_mask)
         return _FlashAttention.apply(q, k, v, prob)
-    return cross_attention_ref(q, k, v, key_mask, scale)
+    return cross_attention_ref(q, k, v, key_mask, scale, fast=True)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):

@@ -96,8 +96,9 @@ class SelfAttention(nn.Module):
         B, T, S, C = x.shape
         qkv = self.qkv(x).view(B, T, S, 3, self.heads, C // self.heads)  # (B, T, S, 3, h, d)
         if rope is not None:                                             # q and k in one multiply
-            q, k = rope(qkv[:, :, :, :2], phases).unbind(3)
-            v = qkv[:, :, :, 2]
+            qk, v = qkv.split([2, 1], dim=3)       # split, not indexing: backward cats, no zero-fill
+            q, k = rope(qk, phases).unbind(3)
+            v = v.squeeze(3)
         else:
             q, k, v = qkv.unbind(3)                                      # strided views, no copy
         o = spacetime_attention(q, k, v, mode=mode)                       # (B, T, S, h, d)

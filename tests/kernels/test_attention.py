@@ -67,6 +67,38 @@ def test_spacetime_attention(mode, causal, shape, dtype):
         lambda q, k, v: spacetime_attention_ref(q, k, v, mode, causal), (q, k, v), dtype)
 
 
+@pytest.mark.parametrize("mode,causal,shape", SPACETIME_CASES)
+def test_cpu_path_matches_reference(mode, causal, shape):
+    """The CPU path (backend="torch": softmax(Q K^T) V by matmuls when the scores are small, else
+    SDPA) within PyTorch's own fp32 error, for every spacetime case and masked cross-attention."""
+    torch.manual_seed(0)
+    q, k, v = _fused_qkv(shape, torch.float32, axis=3)
+    _assert_within_pytorch_error(
+        lambda q, k, v: spacetime_attention(q, k, v, mode, causal, backend="torch"),
+        lambda q, k, v: spacetime_attention_ref(q, k, v, mode, causal), (q, k, v), torch.float32)
+    B, N, L, H, D = 2, 9, 13, 2, 24
+    q = torch.randn(B, N, H, D, requires_grad=True)
+    k, v = _fused_qkv((B, L, H, D), torch.float32, axis=2)[:2]
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 5:] = False
+    _assert_within_pytorch_error(lambda q, k, v: cross_attention(q, k, v, mask, backend="torch"),
+                                 lambda q, k, v: cross_attention_ref(q, k, v, mask), (q, k, v),
+                                 torch.float32)
+
+
+def test_cpu_path_picks_matmuls_only_for_small_scores(monkeypatch):
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = torch.randn(1, 2, 16, 2, 8)
+    spacetime_attention(q, q, q, "spatial", backend="torch")
+    assert not calls                                                   # 2 x 2 x 16 x 16 scores
+    monkeypatch.setattr(attention, "MATH_SCORES_BYTES", 100)
+    spacetime_attention(q, q, q, "spatial", backend="torch")
+    assert calls
+
+
 @pytest.mark.parametrize("mode", ["temporal", "full"])
 def test_spacetime_odd_layouts(mode):
     """Separately allocated (B, S, T, H, D) tensors seen as (B, T, S, H, D) (time and space do not

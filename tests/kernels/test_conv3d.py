@@ -21,7 +21,7 @@ def layout(t, how):
 
 
 def check(B, cin, cout, T, H, W, k, stride, padding, causal=False, bias=True, dtype=torch.float32,
-          how="contiguous", device="cpu"):
+          how="contiguous", device="cpu", backend="triton"):
     torch.manual_seed(0)
     x = torch.randn(B, cin, T, H, W, device=device).to(dtype)
     w = (torch.randn(cout, cin, *k, device=device) / (cin * k[0] * k[1] * k[2]) ** 0.5).to(dtype)
@@ -32,13 +32,13 @@ def check(B, cin, cout, T, H, W, k, stride, padding, causal=False, bias=True, dt
     def leaves(cast):
         return [None if t is None else cast(t).detach().requires_grad_() for t in (x, w, b)]
 
-    got = forward_backward(lambda x, w, b: conv3d(x, w, b, **args, backend="triton"),
+    got = forward_backward(lambda x, w, b: conv3d(x, w, b, **args, backend=backend),
                            [layout(x, how), *leaves(lambda t: t.clone())[1:]], gy)
     same = forward_backward(lambda x, w, b: conv3d_ref(x, w, b, **args), leaves(lambda t: t.clone()), gy)
     golden = forward_backward(lambda x, w, b: conv3d_ref(x, w, b, **args, upcast=True),
                               leaves(lambda t: t.float()), gy)
     assert got[0].dtype == dtype
-    if how == "channels_last":
+    if how == "channels_last" and backend == "triton":
         assert got[0].is_contiguous(memory_format=torch.channels_last_3d)
         assert got[1].is_contiguous(memory_format=torch.channels_last_3d)
     assert_within(["y", "dx", "dw", "db"][:len(got)], got, golden, same, dtype)
@@ -66,6 +66,27 @@ CASES = {  # B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, lay
 def test_conv3d_matches_reference(case):
     B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how = CASES[case]
     check(B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how)
+
+
+FOLDED_CASES = {**{k: v for k, v in CASES.items() if v[11] == torch.float32},
+                "time-only-causal": (2, 6, 5, 7, 5, 3, (3, 1, 1), 1, 0, True, True, torch.float32,
+                                     "permuted"),
+                "time-only-same-stride2": (1, 6, 5, 7, 5, 3, (3, 1, 1), (2, 1, 1), (1, 0, 0), False,
+                                           False, torch.float32, "contiguous"),
+                "spatial-1x3x3-channels-last": (2, 5, 7, 3, 9, 6, (1, 3, 3), 1, (0, 1, 1), False, True,
+                                                torch.float32, "channels_last")}
+
+
+@pytest.mark.parametrize("case", FOLDED_CASES, ids=list(FOLDED_CASES))
+def test_cpu_folded_path_matches_reference(case, monkeypatch):
+    """conv3d's CPU path (conv3d_folded: time taps stacked on channels, one conv2d) against
+    F.conv3d, output and gradients."""
+    calls = []
+    real = conv3d_mod.conv3d_folded
+    monkeypatch.setattr(conv3d_mod, "conv3d_folded", lambda *a, **k: calls.append(1) or real(*a, **k))
+    B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how = FOLDED_CASES[case]
+    check(B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how, backend="torch")
+    assert calls
 
 
 def test_conv3d_dw_split_partials(monkeypatch):
