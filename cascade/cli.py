@@ -68,8 +68,9 @@ def _run_config(run: StageRun, extra: list[str] = ()):
 
 
 def cascade_stages(cc: CascadeConfig) -> list[str]:
-    """The stage names (vae, base, interp, sr) a cascade trains, in order."""
-    return [_run_config(run).stage for run in cc.train]
+    """The stage names (vae, base, interp, sr) a cascade trains, in order, each once (a stage may
+    take several runs, e.g. a continuation from an earlier run's export)."""
+    return list(dict.fromkeys(_run_config(run).stage for run in cc.train))
 
 
 def train_cascade(path, extra: list[str] = (), progress: bool = True,
@@ -90,10 +91,10 @@ def train_cascade(path, extra: list[str] = (), progress: bool = True,
     return Path(cc.stages_dir)
 
 
-def find_stages(args, cc: CascadeConfig, wanted: set[str]) -> Path:
+def find_stages(args, cc: CascadeConfig, wanted: set[str], train: bool = True) -> Path:
     """Where sampling reads its stages: --stages when given; else the cascade's stages_dir when it
     holds every wanted stage (the user's own training); else the shipped weights_dir when it does;
-    else stages_dir, trained on first use (once; later runs reuse it)."""
+    else stages_dir, trained on first use (once; later runs reuse it) when `train`, or an error."""
     from cascade.pipeline import has_stage
     if args.stages is not None:
         return Path(args.stages)
@@ -107,6 +108,9 @@ def find_stages(args, cc: CascadeConfig, wanted: set[str]) -> Path:
               f"(yours go to {stages}: cascade train-cascade <cascade yaml>)")
         return shipped
     missing = [s for s in need if not has_stage(stages, s)]
+    if not train:
+        raise FileNotFoundError(f"no trained {', '.join(missing)} stage(s) in {stages} nor in the "
+                                f"shipped weights: pass --stages, or train with cascade train-cascade")
     print(f"no trained {', '.join(missing)} stage(s) in {stages}: training the {cc.name} "
           f"cascade first (once; later samples reuse it)")
     train_cascade(args.cascade, only=missing)
@@ -217,7 +221,8 @@ def cmd_eval(args) -> None:
     from cascade.evaluate import default_prompts, evaluate, markdown, write_report
     cc = load_cascade(args.cascade)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    report = evaluate(find_stages(args, cc, {"vae", "base", "interp", "sr"}), default_prompts(args.num_prompts, args.seed),
+    prompts = default_prompts(args.num_prompts, args.seed)              # checks the count first
+    report = evaluate(find_stages(args, cc, {"vae", "base"}, train=False), prompts,
                       seed=args.seed, sampling=resolve_sampling(args, cc), batch_size=args.batch_size,
                       heldout=args.heldout, lpips=args.lpips, device=device,
                       progress=not args.no_progress)
