@@ -259,10 +259,11 @@ def _validate_sr(cfg: StageConfig) -> None:
     if s.window < 1 or not 0 <= s.overlap < s.window:
         raise ConfigError(f"sr.overlap: need sr.window >= 1 and 0 <= sr.overlap < sr.window, got "
                           f"window={s.window}, overlap={s.overlap}")
-    for key in ("unet.channels", "unet.heads", "unet.groups", "unet.num_res_blocks",
-                "unet.temporal_kernel"):
+    for key in ("unet.channels", "unet.heads", "unet.num_res_blocks", "unet.temporal_kernel"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    if u.groups < 0:
+        raise ConfigError(f"unet.groups: must be 0 (no GroupNorm) or positive, got {u.groups}")
     if not u.channel_mults:
         raise ConfigError("unet.channel_mults: needs at least one level")
     if any(not 0 <= lvl < len(u.channel_mults) for lvl in u.attn_levels):
@@ -270,7 +271,7 @@ def _validate_sr(cfg: StageConfig) -> None:
                           f"0..{len(u.channel_mults) - 1}")
     for m in u.channel_mults:
         ch = u.channels * m
-        if m <= 0 or ch % u.groups or ch % u.heads or ch // u.heads > 128:
+        if m <= 0 or (u.groups and ch % u.groups) or ch % u.heads or ch // u.heads > 128:
             raise ConfigError(f"unet.channel_mults: a level's {ch} channels must divide into "
                               f"unet.groups={u.groups} and unet.heads={u.heads} of at most 128 channels")
     down = 2 ** (len(u.channel_mults) - 1)

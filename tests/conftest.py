@@ -10,6 +10,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: on the shared 2-core machine a second thread costs more than it gains.
+    A module opts in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

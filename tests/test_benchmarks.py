@@ -11,13 +11,7 @@ from benchmarks.common import count_flops, optional_import
 HAVE_DIFFUSERS = optional_import("diffusers") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy shapes: on the shared 2-core machine a second thread costs more than it gains."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_pipeline import full, one_thread, stages  # noqa: F401  (fixtures, reused)
+from test_pipeline import full, stages  # noqa: F401  (fixtures, reused)
 
 from cascade.cli import main
 from cascade.data import HELDOUT_SEED_OFFSET
@@ -13,6 +13,8 @@ from cascade.data.synthetic import SyntheticVideos, make_caption, render
 from cascade.evaluate import (FACTORS, adherence, analyse, frame_diff, generate_variants,
                               still_threshold, truth_clip)
 from cascade.pipeline import Pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.mark.parametrize("frames, height, width", [(8, 32, 32), (4, 64, 64), (9, 32, 48)])

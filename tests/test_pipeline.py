@@ -14,13 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle moving left on a blue background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: on the shared 2-core machine a second thread costs more than it gains."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def randomize_zero_init(net: torch.nn.Module) -> torch.nn.Module:

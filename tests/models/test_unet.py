@@ -10,14 +10,7 @@ from cascade.models import unet as unet_mod
 from cascade.models.unet import UNetConfig, VideoUNet, blend_weights, upsample_video, windowed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are tiny: on the shared 2-core machine a second thread costs more in
-    synchronisation than it gains (F.conv3d on them: 0.1 ms with 1 thread, up to 30 ms with 2)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def tiny_cfg(**kw):
@@ -289,3 +282,16 @@ def test_windowed_errors():
             windowed(lambda c: c, v, window, overlap)
     with pytest.raises(ValueError, match="returned 3 frames for a 4-frame window"):
         windowed(lambda c: c[:, :, :3], v, 4, 1)
+
+
+def test_groups_zero_normalises_only_the_attention_inputs(monkeypatch):
+    """unet.groups=0: no GroupNorm in the res-blocks nor before the output conv (flat-colour frames
+    keep their colours); the temporal and cross attention inputs still get one-group norms."""
+    seen = []
+    real = unet_mod.group_norm_silu
+    monkeypatch.setattr(unet_mod, "group_norm_silu", lambda x, g, *a, **k: seen.append(g) or real(x, g, *a, **k))
+    net = VideoUNet(tiny_cfg(groups=0))
+    x, t, cond = inputs()
+    assert net(x, t, cond).shape == x.shape
+    n_attn = sum(isinstance(m, (unet_mod.TemporalAttention, unet_mod.CrossAttention)) for m in net.modules())
+    assert seen == [1] * n_attn and n_attn > 0
