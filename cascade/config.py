@@ -108,6 +108,7 @@ class SRConfig:
     aug_sample: float = 0.1         # sampling: the fixed augmentation level of the low-res input
     window: int = 8                 # sampling: temporal window in frames (longer videos: windowed)
     overlap: int = 2                # sampling: frames shared by neighbouring windows
+    residual: bool = False          # diffuse x - upsampled low-res instead of x (stages.SRStage)
 
 
 @dataclass

@@ -454,7 +454,8 @@ class Pipeline:
             extra = {"lowres": low, "aug_t": aug_t}
             return self._sample(st, z, {**cond, **extra}, {**uncond, **extra}, sampling, gen, progress)
 
-        return windowed(clip, torch.cat([lowres, noise], 1), s.window, s.overlap).clamp(-1, 1)
+        out = windowed(clip, torch.cat([lowres, noise], 1), s.window, s.overlap)
+        return (up + out if s.residual else out).clamp(-1, 1)       # residual: added to the input
 
 
 def format_table(result: Result) -> str:

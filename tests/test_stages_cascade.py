@@ -172,6 +172,20 @@ def test_prepare_shapes_and_determinism(name, assets):
         assert not torch.allclose(a["lowres"], a["x0"])
 
 
+def test_sr_residual_diffuses_what_the_upsampling_misses(assets):
+    """sr.residual: the diffused x0 is the clip minus its upsampled low-res version; with
+    sr.residual=false it is the clip itself (the same batch, generators and conditioning)."""
+    cfgs = {r: stage_cfg("sr", assets, [f"sr.residual={str(r).lower()}", "sr.aug_max=0.0"])
+            for r in (True, False)}
+    batch, _ = batch_of(cfgs[True], [1, 2])
+    out = {r: build_stage(c).prepare(batch, sample_generators(0, [1, 2]), "cpu") for r, c in cfgs.items()}
+    up = build_stage(cfgs[True]).lowres(batch["video"])
+    torch.testing.assert_close(out[False]["x0"], batch["video"])
+    torch.testing.assert_close(out[True]["x0"], batch["video"] - up)
+    torch.testing.assert_close(out[True]["lowres"], out[False]["lowres"])
+    assert out[True]["x0"].abs().mean() < 0.5 * out[False]["x0"].abs().mean()
+
+
 @pytest.mark.parametrize("name", ["interp", "sr"])
 def test_augmentation_level_is_applied(name, assets):
     """aug_max=0: the conditioning is the clean signal (up to the schedule's sigma(0) ~ 5e-4)."""
