@@ -147,6 +147,7 @@ class TrainConfig:
     resume: bool = True             # resume from the latest checkpoint in out_dir if one exists
     vae_dir: str = ""               # latent stages: folder of the trained VAE export
     init_from: str = ""             # start from this stage export's weights (e.g. vae.decoder_only fine-tuning)
+    compile: bool = False           # torch.compile the network (measured on CPU: 1.07x at DiT width 128, 26 s to compile)
     num_workers: int = 0
 
 

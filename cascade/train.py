@@ -205,6 +205,8 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     net = stage.net.to(device)
     if t.init_from:
         init_weights(net, t.init_from, cfg.stage)
+    if t.compile:                              # in place: state_dict keys (EMA, export) unchanged
+        net.compile()
     params = [p for p in net.parameters() if p.requires_grad]
     # fused: one kernel per step over all parameters (CPU and CUDA), not a dozen ops per tensor
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,

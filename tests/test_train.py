@@ -151,3 +151,14 @@ def test_decoder_only_finetune_from_an_export(tmp_path):
         train(wide, progress=False)
     with pytest.raises(ConfigError, match="data.image_fraction"):
         load_config(REPO / "configs/tiny/interp.yaml", ["data.image_fraction=0.2"])
+
+
+def test_compile_flag_compiles_the_network_in_place(tmp_path, monkeypatch):
+    """train.compile=true: nn.Module.compile on the stage's network (keys of the export unchanged)."""
+    from cascade.train import train
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    cfg = load_config(REPO / "configs/tiny/vae.yaml", TINY_VAE + [
+        "train.compile=true", "train.steps=1", "train.ckpt_every=1", f"train.out_dir={tmp_path}"])
+    train(cfg, progress=False)
+    assert compiled == ["VideoVAE"]
