@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from kernels.conv3d import (_autocast, _conv3d_bwd_dw, _conv3d_bwd_dx, _conv3d_fwd, _Geometry,
-                            _memory_format, _precision, _tile, conv3d)
+                            _memory_format, _precision, _tile, conv3d, conv3d_ref)
 from kernels.dispatch import interpreting, use_triton
 
 
@@ -59,8 +59,8 @@ def conv2plus1d_ref(x, w_spatial, b_spatial, w_temporal, b_temporal, causal=Fals
     """x: (B, Cin, T, H, W); w_spatial: (Cmid, Cin, 1, k, k); w_temporal: (Cout, Cmid, kt, 1, 1).
     'same' padding in space and time (causal: past frames only) -> (B, Cout, T, H, W)."""
     k, kt = w_spatial.shape[-1], w_temporal.shape[2]
-    h = conv3d(x, w_spatial, b_spatial, padding=(0, k // 2, k // 2), backend="torch")
-    return conv3d(h, w_temporal, b_temporal, padding=(kt // 2, 0, 0), causal=causal, backend="torch")
+    h = conv3d_ref(x, w_spatial, b_spatial, padding=(0, k // 2, k // 2))
+    return conv3d_ref(h, w_temporal, b_temporal, padding=(kt // 2, 0, 0), causal=causal)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,8 +283,10 @@ def _check(x, w_spatial, w_temporal):
 def conv2plus1d(x, w_spatial, b_spatial, w_temporal, b_temporal, causal=False, backend=None):
     """Space-time separable conv (Imagen Video, Ho et al. 2022, Sec. 2.3): spatial k x k per
     frame, then temporal kt, 'same' padding (causal: past frames only) -> (B, Cout, T, H, W)."""
-    if not use_triton(backend, x):
-        return conv2plus1d_ref(x, w_spatial, b_spatial, w_temporal, b_temporal, causal)
+    if not use_triton(backend, x):                    # two convs through conv3d's CPU path
+        k, kt = w_spatial.shape[-1], w_temporal.shape[2]
+        h = conv3d(x, w_spatial, b_spatial, padding=(0, k // 2, k // 2), backend="torch")
+        return conv3d(h, w_temporal, b_temporal, padding=(kt // 2, 0, 0), causal=causal, backend="torch")
     dtype = x.dtype
     x, w_spatial, b_spatial, w_temporal, b_temporal = _autocast(x, w_spatial, b_spatial,
                                                                 w_temporal, b_temporal)

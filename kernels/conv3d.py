@@ -84,6 +84,7 @@ def conv3d_folded(x, weight, bias=None, stride=1, padding=0, causal=False):
     this path for 1 x kh x kw and kt x 1 x 1 kernels only: for kt x 3 x 3 the stacked copy costs
     more than it saves (tiny VAE fwd+bwd: 985 ms folded vs 623 ms F.conv3d, 1 thread)."""
     stride, padding = _triple(stride), _triple(padding)
+    dtype = x.dtype                                   # returned as conv3d_ref does (autocast)
     B, C, T, H, W = x.shape
     O, _, kt, kh, kw = weight.shape
     st, sh, sw = stride
@@ -93,7 +94,7 @@ def conv3d_folded(x, weight, bias=None, stride=1, padding=0, causal=False):
         if causal:
             x2 = F.pad(x2, (0, 0, kt - 1, 0))
         y = F.conv2d(x2, weight.reshape(O, C, kt, 1), bias, (st, 1), (0 if causal else pt[0], 0))
-        return y.view(B, O, y.shape[2], H, W)
+        return y.view(B, O, y.shape[2], H, W).to(dtype)
     xp = F.pad(x, (0, 0, 0, 0, *pt)) if pt != (0, 0) else x
     To = (xp.shape[2] - kt) // st + 1
     if To <= 0:
@@ -102,7 +103,7 @@ def conv3d_folded(x, weight, bias=None, stride=1, padding=0, causal=False):
     taps = torch.stack([xp[:, :, i:i + span:st] for i in range(kt)], 2)      # (B, C, kt, T', H, W)
     cols = taps.permute(0, 3, 1, 2, 4, 5).reshape(B * To, C * kt, H, W)
     y = F.conv2d(cols, weight.reshape(O, C * kt, kh, kw), bias, (sh, sw), padding[1:])
-    return y.view(B, To, O, *y.shape[2:]).transpose(1, 2)                   # (B, Cout, T', H', W')
+    return y.view(B, To, O, *y.shape[2:]).transpose(1, 2).to(dtype)         # (B, Cout, T', H', W')
 
 
 # ----------------------------------------------------------------------------------------------

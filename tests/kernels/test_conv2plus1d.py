@@ -101,7 +101,7 @@ def test_autocast_casts_like_the_pair():
 def test_dispatch_and_errors():
     x = torch.randn(1, 3, 4, 5, 5)
     ws, wt = torch.randn(4, 3, 1, 3, 3), torch.randn(2, 4, 3, 1, 1)
-    assert torch.equal(conv2plus1d(x, ws, None, wt, None), conv2plus1d_ref(x, ws, None, wt, None))
+    torch.testing.assert_close(conv2plus1d(x, ws, None, wt, None), conv2plus1d_ref(x, ws, None, wt, None))
     with pytest.raises(ValueError, match="do not chain"):
         conv2plus1d(x, ws, None, torch.randn(2, 5, 3, 1, 1), None, backend="triton")
     with pytest.raises(ValueError, match=r"\(Cmid, Cin, 1, k, k\)"):

@@ -32,7 +32,9 @@ def check(B, cin, cout, T, H, W, k, stride, padding, causal=False, bias=True, dt
     def leaves(cast):
         return [None if t is None else cast(t).detach().requires_grad_() for t in (x, w, b)]
 
-    got = forward_backward(lambda x, w, b: conv3d(x, w, b, **args, backend=backend),
+    impl = conv3d_mod.conv3d_folded if backend == "folded" else \
+        (lambda x, w, b, **a: conv3d(x, w, b, **a, backend=backend))
+    got = forward_backward(lambda x, w, b: impl(x, w, b, **args),
                            [layout(x, how), *leaves(lambda t: t.clone())[1:]], gy)
     same = forward_backward(lambda x, w, b: conv3d_ref(x, w, b, **args), leaves(lambda t: t.clone()), gy)
     golden = forward_backward(lambda x, w, b: conv3d_ref(x, w, b, **args, upcast=True),
@@ -79,14 +81,15 @@ FOLDED_CASES = {**{k: v for k, v in CASES.items() if v[11] == torch.float32},
 
 @pytest.mark.parametrize("case", FOLDED_CASES, ids=list(FOLDED_CASES))
 def test_cpu_folded_path_matches_reference(case, monkeypatch):
-    """conv3d's CPU path (conv3d_folded: time taps stacked on channels, one conv2d) against
-    F.conv3d, output and gradients."""
+    """conv3d_folded (time taps stacked on channels, one conv2d) against F.conv3d, output and
+    gradients, for every kernel; conv3d's CPU path takes it for 1 x k x k and k x 1 x 1 kernels."""
+    B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how = FOLDED_CASES[case]
+    check(B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how, backend="folded")
     calls = []
     real = conv3d_mod.conv3d_folded
-    monkeypatch.setattr(conv3d_mod, "conv3d_folded", lambda *a, **k: calls.append(1) or real(*a, **k))
-    B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how = FOLDED_CASES[case]
+    monkeypatch.setattr(conv3d_mod, "conv3d_folded", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     check(B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how, backend="torch")
-    assert calls
+    assert bool(calls) == (k[0] == 1 or k[1] == k[2] == 1)
 
 
 def test_conv3d_dw_split_partials(monkeypatch):
