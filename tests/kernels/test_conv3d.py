@@ -79,6 +79,26 @@ FOLDED_CASES = {**{k: v for k, v in CASES.items() if v[11] == torch.float32},
                                                 torch.float32, "channels_last")}
 
 
+SPLIT_CASES = {  # one clip, time stride 1: conv3d_split_batch (odd and even output lengths)
+    "3x3x3-causal-T5": (1, 6, 7, 5, 9, 6, (3, 3, 3), (1, 2, 1), (0, 1, 1), True, True, torch.float32,
+                        "contiguous"),
+    "3x3x3-same-T4": (1, 5, 4, 4, 7, 7, (3, 3, 3), 1, 1, False, True, torch.float32, "permuted"),
+    "3x1x3-T2-nobias": (1, 3, 4, 2, 5, 6, (3, 1, 3), 1, (1, 0, 1), False, False, torch.float32,
+                        "contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=list(SPLIT_CASES))
+def test_cpu_split_batch_path_matches_reference(case, monkeypatch):
+    """A single clip's conv3d on CPU as two overlapping time halves in one batch of 2 (oneDNN)."""
+    calls = []
+    real = conv3d_mod.conv3d_split_batch
+    monkeypatch.setattr(conv3d_mod, "conv3d_split_batch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how = SPLIT_CASES[case]
+    check(B, cin, cout, T, H, W, k, stride, padding, causal, bias, dtype, how, backend="torch")
+    assert calls
+
+
 @pytest.mark.parametrize("case", FOLDED_CASES, ids=list(FOLDED_CASES))
 def test_cpu_folded_path_matches_reference(case, monkeypatch):
     """conv3d_folded (time taps stacked on channels, one conv2d) against F.conv3d, output and
