@@ -142,8 +142,8 @@ def test_autocast_casts_like_f_conv3d():
 
 def test_dispatch_and_errors():
     x, w = torch.randn(1, 3, 4, 5, 5), torch.randn(2, 3, 3, 3, 3)
-    assert torch.equal(conv3d(x, w, padding=1), conv3d_ref(x, w, padding=1))  # CPU: reference
-    assert torch.equal(conv3d(x, w, padding=1, backend="torch"), conv3d_ref(x, w, padding=1))
+    torch.testing.assert_close(conv3d(x, w, padding=1), conv3d_ref(x, w, padding=1))  # CPU paths
+    torch.testing.assert_close(conv3d(x, w, padding=1, backend="torch"), conv3d_ref(x, w, padding=1))
     with pytest.raises(ValueError, match="channels"):
         conv3d(x, torch.randn(2, 4, 3, 3, 3), backend="triton")
     with pytest.raises(TypeError, match="one dtype"):
