@@ -51,7 +51,7 @@ def runner(fn, inputs, pass_):
     d_out = torch.randn_like(out)
     if pass_ == "backward":
         return lambda: torch.autograd.grad(out, leaves, d_out, retain_graph=True)
-    del out
+    out = None                                   # frees the graph (backward returned above)
     return lambda: torch.autograd.grad(fn(*inputs), leaves, d_out)
 
 
