@@ -42,6 +42,8 @@ Roofline (per call; P = B*T*H*W positions, e = bytes per element)
     point (about 300 FLOP/byte) and the fusion's byte saving is its speed-up; at C >= 128 both are
     compute-bound and the fusion would only save the memory of h.
 """
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
@@ -58,9 +60,14 @@ from kernels.dispatch import interpreting, use_triton
 def conv2plus1d_ref(x, w_spatial, b_spatial, w_temporal, b_temporal, causal=False):
     """x: (B, Cin, T, H, W); w_spatial: (Cmid, Cin, 1, k, k); w_temporal: (Cout, Cmid, kt, 1, 1).
     'same' padding in space and time (causal: past frames only) -> (B, Cout, T, H, W)."""
+    return _separable(conv3d_ref, x, w_spatial, b_spatial, w_temporal, b_temporal, causal)
+
+
+def _separable(conv, x, w_spatial, b_spatial, w_temporal, b_temporal, causal):
+    """The (2+1)D conv as two calls of a 3D conv `conv`: spatial 'same', then temporal."""
     k, kt = w_spatial.shape[-1], w_temporal.shape[2]
-    h = conv3d_ref(x, w_spatial, b_spatial, padding=(0, k // 2, k // 2))
-    return conv3d_ref(h, w_temporal, b_temporal, padding=(kt // 2, 0, 0), causal=causal)
+    h = conv(x, w_spatial, b_spatial, padding=(0, k // 2, k // 2))
+    return conv(h, w_temporal, b_temporal, padding=(kt // 2, 0, 0), causal=causal)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,9 +291,8 @@ def conv2plus1d(x, w_spatial, b_spatial, w_temporal, b_temporal, causal=False, b
     """Space-time separable conv (Imagen Video, Ho et al. 2022, Sec. 2.3): spatial k x k per
     frame, then temporal kt, 'same' padding (causal: past frames only) -> (B, Cout, T, H, W)."""
     if not use_triton(backend, x):                    # two convs through conv3d's CPU path
-        k, kt = w_spatial.shape[-1], w_temporal.shape[2]
-        h = conv3d(x, w_spatial, b_spatial, padding=(0, k // 2, k // 2), backend="torch")
-        return conv3d(h, w_temporal, b_temporal, padding=(kt // 2, 0, 0), causal=causal, backend="torch")
+        return _separable(partial(conv3d, backend="torch"), x, w_spatial, b_spatial, w_temporal,
+                          b_temporal, causal)
     dtype = x.dtype
     x, w_spatial, b_spatial, w_temporal, b_temporal = _autocast(x, w_spatial, b_spatial,
                                                                 w_temporal, b_temporal)
