@@ -51,6 +51,7 @@ class VAEConfig:
     lpips_weight: float = 0.1
     lpips_pretrained: bool = True                  # False: random backbone (tests, offline machines)
     decoder_only: bool = False                     # Video LDM temporal fine-tuning: encoder frozen
+    frame_encoder: bool = False                    # encoder kernels 1x3x3: each latent frame codes its own frame
 
 
 @dataclass

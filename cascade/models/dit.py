@@ -75,12 +75,72 @@ class Rope3D(nn.Module):
         return torch.polar(torch.ones_like(ang), ang)
 
     def forward(self, x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, S, ..., D), any strides with a unit last stride (e.g. q and k together as a
-        view of the fused qkv projection); phases: (T, S, D/2) -> rotated x, contiguous, x's dtype."""
-        B, T, S, *mid, D = x.shape
-        z = torch.view_as_complex(x.float().unflatten(-1, (D // 2, 2)))     # (B, T, S, ..., D/2)
-        z = z * phases.view(T, S, *[1] * len(mid), D // 2)
-        return torch.view_as_real(z).flatten(-2).to(x.dtype)
+        """x: (B, T, S, ..., D), any strides with a unit last stride; phases: (T, S, D/2) ->
+        rotated x, contiguous, x's dtype."""
+        return _rotate(x, phases)
+
+
+def _rotate(x: torch.Tensor, phases: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, T, S, ..., D) times phases (T, S, D/2) as D/2 complex numbers; into `out` if given."""
+    B, T, S, *mid, D = x.shape
+    z = torch.view_as_complex(x.float().unflatten(-1, (D // 2, 2)))         # (B, T, S, ..., D/2)
+    ph = phases.view(T, S, *[1] * len(mid), D // 2)
+    if out is None:
+        return torch.view_as_real(z * ph).flatten(-2).to(x.dtype)
+    torch.mul(z, ph, out=torch.view_as_complex(out.unflatten(-1, (D // 2, 2))))
+    return out
+
+
+class RopeQKV(torch.autograd.Function):
+    """(q, k, v) from the fused projection qkv (B, T, S, 3, h, d): q and k rotated (contiguous), v a
+    view. The backward writes dq * conj(phase), dk * conj(phase) and dv straight into one
+    (B, T, S, 3, h, d) gradient, where split/unbind's autograd would stack and then concatenate it
+    (two extra copies of the largest activation: 100 ms of a 4.1 s width-512 step on one CPU thread)."""
+
+    @staticmethod
+    def forward(ctx, qkv, phases):                                       # (B, T, S, 3, h, d), (T, S, d/2)
+        ctx.save_for_backward(phases)
+        return _rotate(qkv[:, :, :, 0], phases), _rotate(qkv[:, :, :, 1], phases), qkv[:, :, :, 2]
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        (phases,) = ctx.saved_tensors
+        conj = phases.conj()
+        g = torch.empty(*dq.shape[:3], 3, *dq.shape[3:], dtype=dq.dtype, device=dq.device)
+        for i, d in enumerate((dq, dk)):
+            if d is None:
+                g[:, :, :, i].zero_()
+            elif g.dtype == torch.float32:
+                _rotate(d.contiguous(), conj, out=g[:, :, :, i])
+            else:                                                        # rotated in fp32 (_rotate)
+                g[:, :, :, i].copy_(_rotate(d, conj))
+        if dv is None:
+            g[:, :, :, 2].zero_()
+        else:
+            g[:, :, :, 2].copy_(dv)
+        return g, None
+
+
+class GatedResidual(torch.autograd.Function):
+    """x + g * f (adaLN-Zero's gated residual; g (B, 1, ..., C) broadcast over tokens) as one
+    addcmul, with a backward that skips addcmul's multiply of every gradient by its scalar value
+    (34 ms of a 4.1 s width-512 step on one CPU thread)."""
+
+    @staticmethod
+    def forward(ctx, x, g, f):
+        ctx.save_for_backward(g, f)
+        return torch.addcmul(x, g, f)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, f = ctx.saved_tensors
+        dg = df = None
+        if ctx.needs_input_grad[1]:
+            dims = [i for i in range(grad.dim()) if g.shape[i] == 1 and grad.shape[i] != 1]
+            dg = (grad * f).sum(dims, keepdim=True)
+        if ctx.needs_input_grad[2]:
+            df = grad * g
+        return grad, dg, df
 
 
 class SelfAttention(nn.Module):
@@ -95,10 +155,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, mode: str, rope: Rope3D | None, phases):
         B, T, S, C = x.shape
         qkv = self.qkv(x).view(B, T, S, 3, self.heads, C // self.heads)  # (B, T, S, 3, h, d)
-        if rope is not None:                                             # q and k in one multiply
-            qk, v = qkv.split([2, 1], dim=3)       # split, not indexing: backward cats, no zero-fill
-            q, k = rope(qk, phases).unbind(3)
-            v = v.squeeze(3)
+        if rope is not None:
+            q, k, v = RopeQKV.apply(qkv, phases)                         # 3 x (B, T, S, h, d)
         else:
             q, k, v = qkv.unbind(3)                                      # strided views, no copy
         o = spacetime_attention(q, k, v, mode=mode)                       # (B, T, S, h, d)
@@ -134,7 +192,9 @@ class DiTBlock(nn.Module):
         self.norm_cross = nn.LayerNorm(cfg.hidden, eps=1e-6)
         self.cross = CrossAttention(cfg)
         hidden = int(cfg.hidden * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(cfg.hidden, hidden), nn.GELU(approximate="tanh"),
+        # exact (erf) GELU: on CPU its forward + backward take 39 ms against 53 ms for DiT's tanh
+        # approximation on a 4096 x 2048 activation (1 thread); the two differ by < 1e-3
+        self.mlp = nn.Sequential(nn.Linear(cfg.hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, cfg.hidden))
         self.n_mod = 9 if self.factorised else 6
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, self.n_mod * cfg.hidden))
@@ -145,15 +205,15 @@ class DiTBlock(nn.Module):
         flat = lambda y: y.reshape(B, T * S, C)                            # noqa: E731
         grid = lambda y: y.reshape(B, T, S, C)                             # noqa: E731
         lnm = lambda y, sh, sc: grid(layer_norm_modulate(flat(y), sh.view(B, C), sc.view(B, C)))  # noqa: E731
-        sh, sc, g = mods[0:3]                                              # x + g * f(...): one addcmul
-        x = torch.addcmul(x, g, self.attn(lnm(x, sh, sc), "spatial" if self.factorised else "full",
+        sh, sc, g = mods[0:3]                                              # x + g * f(...)
+        x = GatedResidual.apply(x, g, self.attn(lnm(x, sh, sc), "spatial" if self.factorised else "full",
                                           rope, phases))
         if self.factorised:
             sh, sc, g = mods[3:6]
-            x = torch.addcmul(x, g, self.temporal(lnm(x, sh, sc), "temporal", rope, phases))
+            x = GatedResidual.apply(x, g, self.temporal(lnm(x, sh, sc), "temporal", rope, phases))
         x = x + grid(self.cross(self.norm_cross(flat(x)), text, mask))
         sh, sc, g = mods[-3:]
-        return torch.addcmul(x, g, grid(self.mlp(flat(lnm(x, sh, sc)))))
+        return GatedResidual.apply(x, g, grid(self.mlp(flat(lnm(x, sh, sc)))))
 
 
 class FinalLayer(nn.Module):
@@ -188,7 +248,7 @@ class VideoDiT(nn.Module):
         self.aug_embed = nn.Sequential(nn.Linear(256, cfg.hidden), nn.SiLU(),
                                        nn.Linear(cfg.hidden, cfg.hidden)) if cfg.cond_frames else None
         self.pooled_embed = nn.Linear(cfg.text_dim, cfg.hidden)
-        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.hidden), nn.GELU(approximate="tanh"),
+        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.hidden), nn.GELU(),
                                        nn.Linear(cfg.hidden, cfg.hidden))
         self.null_token = nn.Parameter(torch.randn(1, 1, cfg.hidden) * 0.02)
         self.rope = Rope3D(cfg.hidden // cfg.heads) if cfg.pos == "rope" else None

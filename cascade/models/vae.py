@@ -23,6 +23,12 @@ without), so `groups = 0` turns it off (SiLU alone); natural video keeps LDM's G
 Convolutions and GroupNorm(+SiLU) run only through the public kernel functions (kernels/), so the
 Triton kernels replace them on a GPU with no change here. `decoder_only` freezes the encoder for
 Video LDM's (Blattmann et al. 2023, Sec. 3.1.1) fine-tuning of the decoder on video.
+
+`frame_encoder` makes the encoder per-frame (1 x 3 x 3 kernels) while the decoder stays causal 3D,
+as Video LDM's image encoder with a temporally aware decoder. With a causal 3D encoder a latent
+frame is partly a code of the frames before it (tiny VAE: a frame encoded alone differs from the
+same frame encoded in its clip by half the latents' std), which a small diffusion model must then
+learn to generate; per-frame latents are plain images in time.
 """
 from __future__ import annotations
 
@@ -86,12 +92,13 @@ class GroupNormSiLU(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """x + conv(GN-SiLU(conv(GN-SiLU(x)))), 3x3x3 causal convs; 1x1x1 skip when widths differ."""
+    """x + conv(GN-SiLU(conv(GN-SiLU(x)))), kt x 3 x 3 causal convs (kt = 1: per frame); 1x1x1 skip
+    when widths differ."""
 
-    def __init__(self, cin: int, cout: int, groups: int):
+    def __init__(self, cin: int, cout: int, groups: int, kt: int = 3):
         super().__init__()
-        self.norm1, self.conv1 = GroupNormSiLU(groups, cin), CausalConv3d(cin, cout)
-        self.norm2, self.conv2 = GroupNormSiLU(groups, cout), CausalConv3d(cout, cout)
+        self.norm1, self.conv1 = GroupNormSiLU(groups, cin), CausalConv3d(cin, cout, (kt, 3, 3))
+        self.norm2, self.conv2 = GroupNormSiLU(groups, cout), CausalConv3d(cout, cout, (kt, 3, 3))
         self.skip = CausalConv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):                                                    # (B, Cin, T, H, W)
@@ -122,8 +129,8 @@ class FrameAttention(nn.Module):
 
 
 class MidBlock(nn.Sequential):
-    def __init__(self, ch: int, groups: int):
-        super().__init__(ResBlock(ch, ch, groups), FrameAttention(ch, groups), ResBlock(ch, ch, groups))
+    def __init__(self, ch: int, groups: int, kt: int = 3):
+        super().__init__(ResBlock(ch, ch, groups, kt), FrameAttention(ch, groups), ResBlock(ch, ch, groups, kt))
 
 
 class Upsample(nn.Module):
@@ -144,19 +151,24 @@ class Upsample(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Causal 3D encoder; with `frame_encoder` every kernel is 1 x 3 x 3, so each latent frame is
+    the code of its own pixel frame alone (Video LDM's per-frame image encoder, Sec. 3.1.1)."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         chs = [cfg.channels * m for m in cfg.channel_mults]
-        self.conv_in = CausalConv3d(cfg.in_channels, chs[0])
+        kt = 1 if cfg.frame_encoder else 3
+        self.conv_in = CausalConv3d(cfg.in_channels, chs[0], (kt, 3, 3))
         blocks, cin = [], chs[0]
         for i, ch in enumerate(chs):
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(cin, ch, cfg.groups))
+                blocks.append(ResBlock(cin, ch, cfg.groups, kt))
                 cin = ch
             if i < len(chs) - 1:                                             # stride-2 conv downsampling
-                blocks.append(CausalConv3d(ch, ch, 3, stride=(2 if cfg.temporal_down[i] else 1, 2, 2)))
-        self.blocks = nn.Sequential(*blocks, MidBlock(cin, cfg.groups))
-        self.conv_out = CausalConv3d(cin, 2 * cfg.latent_channels)
+                blocks.append(CausalConv3d(ch, ch, (kt, 3, 3),
+                                           stride=(2 if cfg.temporal_down[i] else 1, 2, 2)))
+        self.blocks = nn.Sequential(*blocks, MidBlock(cin, cfg.groups, kt))
+        self.conv_out = CausalConv3d(cin, 2 * cfg.latent_channels, (kt, 3, 3))
 
     def forward(self, x):                                                    # (B, 3, T, H, W)
         return self.conv_out(F.silu(self.blocks(self.conv_in(x))))          # (B, 2Cz, T', h, w)
@@ -212,6 +224,9 @@ class VideoVAE(nn.Module):
         if len(cfg.temporal_down) != len(cfg.channel_mults) - 1:
             raise ValueError(f"vae.temporal_down: needs {len(cfg.channel_mults) - 1} entries "
                              f"(one per downsampling), got {len(cfg.temporal_down)}")
+        if cfg.frame_encoder and any(cfg.temporal_down):
+            raise ValueError("vae.frame_encoder: a per-frame encoder cannot compress time; "
+                             "set vae.temporal_down to all false")
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.register_buffer("scaling_factor", torch.tensor(1.0))           # LDM's 1/std of latents

@@ -190,3 +190,19 @@ def test_short_training_run_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+
+
+def test_frame_encoder_codes_each_frame_alone():
+    """vae.frame_encoder: a frame's latent is the same alone or inside its clip (Video LDM's
+    per-frame encoder); the causal 3D encoder's is not."""
+    x = video(B=1, T=4)
+    for frame_encoder in (True, False):
+        torch.manual_seed(0)
+        m = VideoVAE(tiny_cfg(frame_encoder=frame_encoder)).eval()
+        with torch.no_grad():
+            clip = m.encode(x).mean                                          # (1, Cz, 4, h, w)
+            alone = torch.cat([m.encode(x[:, :, t:t + 1]).mean for t in range(4)], dim=2)
+        same = torch.allclose(clip, alone, atol=1e-5)
+        assert same == frame_encoder
+    with pytest.raises(ValueError, match="frame_encoder"):
+        VideoVAE(tiny_cfg(frame_encoder=True, temporal_down=[True]))
