@@ -110,6 +110,7 @@ class SRConfig:
     window: int = 8                 # sampling: temporal window in frames (longer videos: windowed)
     overlap: int = 2                # sampling: frames shared by neighbouring windows
     residual: bool = False          # diffuse x - upsampled low-res instead of x (stages.SRStage)
+    residual_scale: float = 1.0     # residual: diffuse (x - up) * this (~ 1 / its std, as LDM's latent scale)
 
 
 @dataclass
@@ -259,6 +260,8 @@ def _validate_sr(cfg: StageConfig) -> None:
     for key in ("aug_max", "aug_sample"):
         if not 0.0 <= getattr(s, key) <= 1.0:
             raise ConfigError(f"sr.{key}: must be in [0, 1], got {getattr(s, key)}")
+    if s.residual_scale <= 0:
+        raise ConfigError(f"sr.residual_scale: must be positive, got {s.residual_scale}")
     if s.window < 1 or not 0 <= s.overlap < s.window:
         raise ConfigError(f"sr.overlap: need sr.window >= 1 and 0 <= sr.overlap < sr.window, got "
                           f"window={s.window}, overlap={s.overlap}")

@@ -455,7 +455,9 @@ class Pipeline:
             return self._sample(st, z, {**cond, **extra}, {**uncond, **extra}, sampling, gen, progress)
 
         out = windowed(clip, torch.cat([lowres, noise], 1), s.window, s.overlap)
-        return (up + out if s.residual else out).clamp(-1, 1)       # residual: added to the input
+        if s.residual:                                               # added back to the input
+            out = up + out / s.residual_scale
+        return out.clamp(-1, 1)
 
 
 def format_table(result: Result) -> str:

@@ -305,3 +305,16 @@ def test_find_stages_prefers_own_then_shipped_then_trains(full, tmp_path, monkey
     for name in ("vae", "base", "interp", "sr"):
         (own / name).symlink_to(full / name)
     assert find(weights=str(tmp_path / "nowhere")) == own and len(trained) == 1
+
+
+def test_sr_residual_is_scaled_back(full, monkeypatch):
+    """sr.residual with sr.residual_scale c: the sampled signal is c * (x - upsample(low-res)),
+    so the output is upsample(low-res) + sample / c (a sampler returning a constant shows it)."""
+    from cascade.models.unet import upsample_video
+    pipe = Pipeline(full, use_interp=False)
+    pipe.sr.cfg.sr.residual, pipe.sr.cfg.sr.residual_scale = True, 4.0
+    monkeypatch.setattr(pipe, "_sample", lambda st, z, *a, **k: torch.full_like(z, 0.4))
+    low = torch.rand(1, 3, 5, 16, 16) * 1.6 - 0.8
+    enc = pipe._encoders[pipe.sr.text_key]
+    out = pipe._super_resolve(low, enc([PROMPT]), enc.null(1), None, torch.Generator(), False)
+    torch.testing.assert_close(out, (upsample_video(low, 2) + 0.1).clamp(-1, 1))

@@ -184,6 +184,9 @@ def test_sr_residual_diffuses_what_the_upsampling_misses(assets):
     torch.testing.assert_close(out[True]["x0"], batch["video"] - up)
     torch.testing.assert_close(out[True]["lowres"], out[False]["lowres"])
     assert out[True]["x0"].abs().mean() < 0.5 * out[False]["x0"].abs().mean()
+    scaled = stage_cfg("sr", assets, ["sr.residual=true", "sr.residual_scale=4.0", "sr.aug_max=0.0"])
+    x0 = build_stage(scaled).prepare(batch, sample_generators(0, [1, 2]), "cpu")["x0"]
+    torch.testing.assert_close(x0, 4.0 * (batch["video"] - up))           # sr.residual_scale
 
 
 @pytest.mark.parametrize("name", ["interp", "sr"])
