@@ -1,6 +1,6 @@
 """Benchmark: our networks against the diffusers peers on the same work, in one run.
 
-    python -m benchmarks.bench_peers [--smoke] [--reps 5] [--only dit128,dit512,sr,vae]
+    python -m benchmarks.bench_peers [--smoke] [--reps 5] [--only dit128,dit512,sr,vae,vae_frame]
 
 Cases (fp32, batch 1, text of 24 tokens x 384 as the tiny configs' MiniLM gives):
   dit128, dit512  the base VideoDiT (factorised space-time attention, 3D RoPE) against diffusers'
@@ -10,12 +10,15 @@ Cases (fp32, batch 1, text of 24 tokens x 384 as the tiny configs' MiniLM gives)
   sr              the SR VideoUNet (the tiny SR config: widths 16, 32, 32, attention at the lowest
                   level) against diffusers' UNet3DConditionModel at the same widths, on 8 frames of
                   64x64 (x_t and the upsampled low-res video: 6 channels in);
-  vae             the causal VideoVAE (widths 32, 64, 64, one res-block per level, latent 4,
+  vae             the causal 3D VideoVAE (widths 32, 64, 64, one res-block per level, latent 4,
                   GroupNorm with 8 groups; encode, sample, decode) against AutoencoderKLCogVideoX
-                  and AutoencoderKLTemporalDecoder (Stable Video Diffusion's) at the same widths, on
-                  8 frames of 64x64. (The tiny VAE runs 16, 32, 32 without GroupNorm; SVD's
-                  autoencoder fixes 32 groups, so the case uses widths it accepts, and ours keeps
-                  its GroupNorm to do the same work as the peers.)
+                  (causal 3D convs too) at the same widths, on 8 frames of 64x64;
+  vae_frame       the same VideoVAE with vae.frame_encoder (per-frame encoder, causal 3D decoder:
+                  what the tiny config trains) against AutoencoderKLTemporalDecoder (Stable Video
+                  Diffusion's: per-frame 2D encoder, decoder with temporal layers).
+                  (The tiny VAE runs 16, 32, 32 without GroupNorm; SVD's autoencoder fixes 32
+                  groups, so the cases use widths it accepts, and ours keeps its GroupNorm to do
+                  the same work as the peers.)
 Every model is built from the same numbers (cases.py); the parameter counts in the table show where
 the architectures still differ. Per model: forward (torch.inference_mode) and forward+backward
 wall time, best of --reps after a warm-up; "forward+backward" is a whole training step: backward of
@@ -155,13 +158,17 @@ def cases(smoke: bool, peers: bool) -> dict:
                 "sr": unet_specs(8, (1, 2), heads=2, groups=4, frames=2, size=16,
                                  peers=("UNet3D",) if peers else ()),
                 "vae": vae_specs(32, (1, 2), frames=2, size=16,
-                                 peers=("CogVideoX-VAE", "SVD-VAE") if peers else ())}
+                                 peers=("CogVideoX-VAE",) if peers else ()),
+                "vae_frame": vae_specs(32, (1, 2), frames=2, size=16, frame_encoder=True,
+                                       peers=("SVD-VAE",) if peers else ())}
     return {"dit128": dit_specs(128, 4, peers=dit_peers),
             "dit512": dit_specs(512, 8, peers=dit_peers),
             "sr": unet_specs(16, (1, 2, 2), heads=2, groups=8, frames=8, size=64,
                              peers=("UNet3D",) if peers else ()),
             "vae": vae_specs(32, (1, 2, 2), frames=8, size=64,
-                             peers=("CogVideoX-VAE", "SVD-VAE") if peers else ())}
+                             peers=("CogVideoX-VAE",) if peers else ()),
+            "vae_frame": vae_specs(32, (1, 2, 2), frames=8, size=64, frame_encoder=True,
+                                   peers=("SVD-VAE",) if peers else ())}
 
 
 def plot(rows, path):

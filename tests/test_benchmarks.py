@@ -45,10 +45,10 @@ def test_train_and_sample_cover_every_stage(smoke):
 
 def test_peers_rows_or_notice(smoke):
     models = {(r["case"], r["model"]) for r in rows(smoke / "peers.csv")}
-    assert {("dit", "ours"), ("sr", "ours"), ("vae", "ours")} <= models
+    assert {("dit", "ours"), ("sr", "ours"), ("vae", "ours"), ("vae_frame", "ours")} <= models
     if HAVE_DIFFUSERS:
         assert {("dit", "Latte"), ("dit", "CogVideoX"), ("sr", "UNet3D"),
-                ("vae", "CogVideoX-VAE"), ("vae", "SVD-VAE")} <= models
+                ("vae", "CogVideoX-VAE"), ("vae_frame", "SVD-VAE")} <= models
     else:
         assert "not installed" in (smoke / "peers.md").read_text()
         assert all(r["model"] == "ours" for r in rows(smoke / "peers.csv"))
