@@ -13,9 +13,10 @@ Cases (fp32, batch 1, text of 24 tokens x 384 as the tiny configs' MiniLM gives)
   vae             the causal 3D VideoVAE (widths 32, 64, 64, one res-block per level, latent 4,
                   GroupNorm with 8 groups; encode, sample, decode) against AutoencoderKLCogVideoX
                   (causal 3D convs too) at the same widths, on 8 frames of 64x64;
-  vae_frame       the same VideoVAE with vae.frame_encoder (per-frame encoder, causal 3D decoder:
-                  what the tiny config trains) against AutoencoderKLTemporalDecoder (Stable Video
-                  Diffusion's: per-frame 2D encoder, decoder with temporal layers).
+  vae_frame       the VideoVAE with vae.frame_encoder and vae.decoder_conv=2+1d (per-frame
+                  encoder; decoder of (2+1)D convs, causal in time) against
+                  AutoencoderKLTemporalDecoder (Stable Video Diffusion's: per-frame 2D encoder,
+                  decoder of 2D blocks with temporal convs).
                   (The tiny VAE runs 16, 32, 32 without GroupNorm; SVD's autoencoder fixes 32
                   groups, so the cases use widths it accepts, and ours keeps its GroupNorm to do
                   the same work as the peers.)
@@ -160,6 +161,7 @@ def cases(smoke: bool, peers: bool) -> dict:
                 "vae": vae_specs(32, (1, 2), frames=2, size=16,
                                  peers=("CogVideoX-VAE",) if peers else ()),
                 "vae_frame": vae_specs(32, (1, 2), frames=2, size=16, frame_encoder=True,
+                                       decoder_conv="2+1d",
                                        peers=("SVD-VAE",) if peers else ())}
     return {"dit128": dit_specs(128, 4, peers=dit_peers),
             "dit512": dit_specs(512, 8, peers=dit_peers),
@@ -168,6 +170,7 @@ def cases(smoke: bool, peers: bool) -> dict:
             "vae": vae_specs(32, (1, 2, 2), frames=8, size=64,
                              peers=("CogVideoX-VAE",) if peers else ()),
             "vae_frame": vae_specs(32, (1, 2, 2), frames=8, size=64, frame_encoder=True,
+                                   decoder_conv="2+1d",
                                    peers=("SVD-VAE",) if peers else ())}
 
 

@@ -160,13 +160,13 @@ def unet_specs(channels: int = 16, mults=(1, 2, 2), heads: int = 2, groups: int 
 
 def vae_specs(channels: int = 32, mults=(1, 2, 2), latent: int = 4, groups: int = 8,
               frames: int = 8, size: int = 64, B: int = 1, frame_encoder: bool = False,
-              peers=("CogVideoX-VAE", "SVD-VAE")) -> list[Spec]:
+              decoder_conv: str = "3d", peers=("CogVideoX-VAE", "SVD-VAE")) -> list[Spec]:
     """Our VideoVAE (encode, sample, decode) against diffusers' video autoencoders with the same
     widths per level, res-blocks, latent channels and groups, on the same clip, no temporal
     compression (the tiny VAE has none): AutoencoderKLCogVideoX (causal 3D convs: the peer of
     ours with its causal 3D encoder) and AutoencoderKLTemporalDecoder (Stable Video Diffusion:
-    per-frame 2D encoder, decoder with temporal layers: the peer of ours with
-    frame_encoder=True, as the tiny config trains it)."""
+    per-frame 2D encoder, decoder of 2D blocks with temporal convs: the peer of ours with
+    frame_encoder=True and decoder_conv="2+1d")."""
     from cascade.config import VAEConfig
     from cascade.models.vae import VideoVAE
     g = torch.Generator().manual_seed(4)
@@ -175,7 +175,7 @@ def vae_specs(channels: int = 32, mults=(1, 2, 2), latent: int = 4, groups: int 
     n = len(mults)
     cfg = VAEConfig(channels=channels, channel_mults=list(mults), temporal_down=[False] * (n - 1),
                     num_res_blocks=1, latent_channels=latent, groups=groups,
-                    frame_encoder=frame_encoder)
+                    frame_encoder=frame_encoder, decoder_conv=decoder_conv)
     pos = frames * size * size
     specs = [Spec("ours", seeded(lambda: VideoVAE(cfg)), lambda: (x,),
                   lambda m, a: m(a[0], sample=True)[0], pos)]

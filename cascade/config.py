@@ -52,6 +52,7 @@ class VAEConfig:
     lpips_pretrained: bool = True                  # False: random backbone (tests, offline machines)
     decoder_only: bool = False                     # Video LDM temporal fine-tuning: encoder frozen
     frame_encoder: bool = False                    # encoder kernels 1x3x3: each latent frame codes its own frame
+    decoder_conv: str = "3d"                       # 3d (kt x 3 x 3) | 2+1d (1x3x3 then causal 3x1x1)
 
 
 @dataclass

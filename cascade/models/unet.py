@@ -57,15 +57,17 @@ class Conv(nn.Module):
 
 
 class Conv2plus1d(nn.Module):
-    """Space-time separable conv (Imagen Video): k x k per frame to Cout, then temporal kt."""
+    """Space-time separable conv (Imagen Video): k x k per frame to Cout, then temporal kt
+    ('same' in time, or causal: past frames only, for the VAE's decoder)."""
 
-    def __init__(self, cin: int, cout: int, k: int = 3, kt: int = 3, zero=False):
+    def __init__(self, cin: int, cout: int, k: int = 3, kt: int = 3, zero=False, causal=False):
         super().__init__()
+        self.causal = causal
         self.ws, self.bs = conv_params(cout, cin, 1, k, k)               # (Cout, Cin, 1, k, k)
         self.wt, self.bt = conv_params(cout, cout, kt, 1, 1, zero)       # (Cout, Cout, kt, 1, 1)
 
     def forward(self, x):                                                # (B, Cin, T, H, W)
-        return conv2plus1d(x, self.ws, self.bs, self.wt, self.bt, causal=False)
+        return conv2plus1d(x, self.ws, self.bs, self.wt, self.bt, causal=self.causal)
 
 
 class Norm(nn.Module):

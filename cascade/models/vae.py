@@ -28,7 +28,9 @@ Video LDM's (Blattmann et al. 2023, Sec. 3.1.1) fine-tuning of the decoder on vi
 as Video LDM's image encoder with a temporally aware decoder. With a causal 3D encoder a latent
 frame is partly a code of the frames before it (tiny VAE: a frame encoded alone differs from the
 same frame encoded in its clip by half the latents' std), which a small diffusion model must then
-learn to generate; per-frame latents are plain images in time.
+learn to generate; per-frame latents are plain images in time. `decoder_conv = "2+1d"` factorises
+the decoder's convs (1 x 3 x 3 per frame, then causal 3 x 1 x 1: SVD's temporal decoder is built
+the same way, 2D blocks with temporal convs), 2.25x fewer taps than the full 3 x 3 x 3.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from cascade.config import VAEConfig
+from cascade.models.unet import Conv2plus1d
 from kernels.attention import spacetime_attention
 from kernels.conv3d import conv3d
 from kernels.group_norm_silu import group_norm_silu
@@ -91,14 +94,22 @@ class GroupNormSiLU(nn.Module):
         return rearrange(y, "(b t) c h w -> b c t h w", t=T)
 
 
-class ResBlock(nn.Module):
-    """x + conv(GN-SiLU(conv(GN-SiLU(x)))), kt x 3 x 3 causal convs (kt = 1: per frame); 1x1x1 skip
-    when widths differ."""
+def causal_conv(cin: int, cout: int, kt: int = 3, separable: bool = False) -> nn.Module:
+    """A kt x 3 x 3 causal conv, or (separable) its (2+1)D factorisation: 1 x 3 x 3 per frame, then
+    a causal kt x 1 x 1 in time (9 + 3 instead of 27 taps per channel pair)."""
+    if separable and kt > 1:
+        return Conv2plus1d(cin, cout, 3, kt, causal=True)
+    return CausalConv3d(cin, cout, (kt, 3, 3))
 
-    def __init__(self, cin: int, cout: int, groups: int, kt: int = 3):
+
+class ResBlock(nn.Module):
+    """x + conv(GN-SiLU(conv(GN-SiLU(x)))), kt x 3 x 3 causal convs (kt = 1: per frame; separable:
+    (2+1)D); 1x1x1 skip when widths differ."""
+
+    def __init__(self, cin: int, cout: int, groups: int, kt: int = 3, separable: bool = False):
         super().__init__()
-        self.norm1, self.conv1 = GroupNormSiLU(groups, cin), CausalConv3d(cin, cout, (kt, 3, 3))
-        self.norm2, self.conv2 = GroupNormSiLU(groups, cout), CausalConv3d(cout, cout, (kt, 3, 3))
+        self.norm1, self.conv1 = GroupNormSiLU(groups, cin), causal_conv(cin, cout, kt, separable)
+        self.norm2, self.conv2 = GroupNormSiLU(groups, cout), causal_conv(cout, cout, kt, separable)
         self.skip = CausalConv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):                                                    # (B, Cin, T, H, W)
@@ -129,8 +140,9 @@ class FrameAttention(nn.Module):
 
 
 class MidBlock(nn.Sequential):
-    def __init__(self, ch: int, groups: int, kt: int = 3):
-        super().__init__(ResBlock(ch, ch, groups, kt), FrameAttention(ch, groups), ResBlock(ch, ch, groups, kt))
+    def __init__(self, ch: int, groups: int, kt: int = 3, separable: bool = False):
+        super().__init__(ResBlock(ch, ch, groups, kt, separable), FrameAttention(ch, groups),
+                         ResBlock(ch, ch, groups, kt, separable))
 
 
 class Upsample(nn.Module):
@@ -139,9 +151,9 @@ class Upsample(nn.Module):
     next level's width (LDM narrows one res-block later; narrowing here halves the cost of the
     widest conv at the finer resolution, which on CPU is the decoder's most expensive layer)."""
 
-    def __init__(self, cin: int, cout: int, temporal: bool):
+    def __init__(self, cin: int, cout: int, temporal: bool, separable: bool = False):
         super().__init__()
-        self.temporal, self.conv = temporal, CausalConv3d(cin, cout)
+        self.temporal, self.conv = temporal, causal_conv(cin, cout, 3, separable)
 
     def forward(self, x):                                                    # (B, C, T, H, W)
         x = x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)      # (B, C, T, 2H, 2W)
@@ -179,16 +191,17 @@ class Decoder(nn.Module):
         super().__init__()
         chs = [cfg.channels * m for m in cfg.channel_mults]
         cin = chs[-1]
-        blocks = [CausalConv3d(cfg.latent_channels, cin), MidBlock(cin, cfg.groups)]
+        sep = cfg.decoder_conv == "2+1d"
+        blocks = [causal_conv(cfg.latent_channels, cin, 3, sep), MidBlock(cin, cfg.groups, 3, sep)]
         for i in reversed(range(len(chs))):
             for _ in range(cfg.num_res_blocks + 1):                          # one more than the encoder (LDM)
-                blocks.append(ResBlock(cin, chs[i], cfg.groups))
+                blocks.append(ResBlock(cin, chs[i], cfg.groups, 3, sep))
                 cin = chs[i]
             if i > 0:                                                        # mirrors downsampling i - 1
-                blocks.append(Upsample(cin, chs[i - 1], cfg.temporal_down[i - 1]))
+                blocks.append(Upsample(cin, chs[i - 1], cfg.temporal_down[i - 1], sep))
                 cin = chs[i - 1]
         self.blocks = nn.Sequential(*blocks)
-        self.conv_out = CausalConv3d(cin, cfg.in_channels)
+        self.conv_out = causal_conv(cin, cfg.in_channels, 3, sep)
 
     def forward(self, z):                                                    # (B, Cz, T', h, w)
         return self.conv_out(F.silu(self.blocks(z)))                         # (B, 3, T, H, W)
@@ -224,6 +237,8 @@ class VideoVAE(nn.Module):
         if len(cfg.temporal_down) != len(cfg.channel_mults) - 1:
             raise ValueError(f"vae.temporal_down: needs {len(cfg.channel_mults) - 1} entries "
                              f"(one per downsampling), got {len(cfg.temporal_down)}")
+        if cfg.decoder_conv not in ("3d", "2+1d"):
+            raise ValueError(f"vae.decoder_conv: '{cfg.decoder_conv}' is not one of 3d, 2+1d")
         if cfg.frame_encoder and any(cfg.temporal_down):
             raise ValueError("vae.frame_encoder: a per-frame encoder cannot compress time; "
                              "set vae.temporal_down to all false")

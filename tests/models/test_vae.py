@@ -206,3 +206,23 @@ def test_frame_encoder_codes_each_frame_alone():
         assert same == frame_encoder
     with pytest.raises(ValueError, match="frame_encoder"):
         VideoVAE(tiny_cfg(frame_encoder=True, temporal_down=[True]))
+
+
+def test_separable_decoder_is_causal_and_cheaper():
+    """vae.decoder_conv=2+1d: (2+1)D convs in the decoder, still causal in time, fewer weights."""
+    torch.manual_seed(0)
+    full = VideoVAE(tiny_cfg(frame_encoder=True))
+    sep = VideoVAE(tiny_cfg(frame_encoder=True, decoder_conv="2+1d"))
+    n = lambda m: sum(p.numel() for p in m.decoder.parameters())  # noqa: E731
+    assert n(sep) < 0.6 * n(full)
+    z = torch.randn(1, 4, 5, 8, 8)
+    with torch.no_grad():
+        y = sep.decode(z)
+        z2 = z.clone()
+        z2[:, :, 3:] += 1.0                                                   # change the future only
+        y2 = sep.decode(z2)
+    assert y.shape == (1, 3, 5, 16, 16)
+    torch.testing.assert_close(y[:, :, :3], y2[:, :, :3])
+    assert (y[:, :, 3:] - y2[:, :, 3:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="decoder_conv"):
+        VideoVAE(tiny_cfg(decoder_conv="3D"))
