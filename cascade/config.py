@@ -75,6 +75,8 @@ class DiTConfig:
     text_dim: int = 384
     cond_frames: bool = False   # interp stage: extra input channels for keyframe latents + mask
     learn_sigma: bool = False
+    text_pool: str = "mean"     # the text vector added to the time embedding: mean (the encoder's
+                                # pooled output) | attention (also a learned attention pooling of the tokens)
 
 
 @dataclass

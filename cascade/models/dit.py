@@ -181,6 +181,28 @@ class CrossAttention(nn.Module):
         return self.proj(cross_attention(q, k, v, key_mask=mask).reshape(B, N, C))
 
 
+class AttentionPool(nn.Module):
+    """One learned query attending over the projected text tokens (key mask respected) -> a vector
+    added to the time embedding, so adaLN sees the words the encoder's mean pooling dilutes
+    (Imagen's attention-pooled text embedding, Saharia et al. 2022 App. E / imagen-pytorch).
+    Measured on the tiny base: MiniLM's mean-pooled vectors of "... moving left ..." and "...
+    moving right ..." have cosine 0.986 (red vs green: 0.908), and a base trained with mean
+    pooling alone ignored the direction words (a swapped direction changed no prediction)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.query = nn.Parameter(torch.randn(1, 1, cfg.hidden) * 0.02)
+        self.kv = nn.Linear(cfg.hidden, 2 * cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, text, mask):                                       # (B, L, C), (B, L) bool
+        B, L, C = text.shape
+        q = self.query.expand(B, 1, C).view(B, 1, self.heads, C // self.heads)
+        k, v = self.kv(text).view(B, L, 2, self.heads, C // self.heads).unbind(2)
+        return self.proj(cross_attention(q, k, v, key_mask=mask).reshape(B, C))  # (B, C)
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block (DiT eq. in Sec. 3.2): x + gate * f(LN(x) * (1 + scale) + shift)."""
 
@@ -251,6 +273,9 @@ class VideoDiT(nn.Module):
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.hidden), nn.GELU(),
                                        nn.Linear(cfg.hidden, cfg.hidden))
         self.null_token = nn.Parameter(torch.randn(1, 1, cfg.hidden) * 0.02)
+        if cfg.text_pool not in ("mean", "attention"):
+            raise ValueError(f"dit.text_pool: '{cfg.text_pool}' is not one of mean, attention")
+        self.text_pool = AttentionPool(cfg) if cfg.text_pool == "attention" else None
         self.rope = Rope3D(cfg.hidden // cfg.heads) if cfg.pos == "rope" else None
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg, self.out_channels)
@@ -320,6 +345,8 @@ class VideoDiT(nn.Module):
         text = torch.cat([self.null_token.expand(B, -1, -1), self.text_proj(cond["text"])], dim=1)
         mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device),
                           cond["text_mask"].bool()], dim=1)                # (B, 1 + L)
+        if self.text_pool is not None:
+            emb = emb + self.text_pool(text, mask)                          # (B, C)
         for blk in self.blocks:
             h = blk(h, emb, text, mask, self.rope, phases)
         out = self.final(h.reshape(B, Tp * Hp * Wp, c.hidden), emb)        # (B, N, p*Cout)

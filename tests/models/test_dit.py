@@ -175,3 +175,22 @@ def test_rope_qkv_and_gated_residual_match_plain_autograd():
     (x + gate * f).backward(grad)
     for a, t in zip(ours, (x, gate, f)):
         torch.testing.assert_close(a, t.grad)
+
+
+def test_attention_text_pool_reaches_adaln():
+    """dit.text_pool=attention: one token's change moves the time embedding (adaLN) even with the
+    pooled vector and the cross-attention held fixed; masked tokens do not count."""
+    m = VideoDiT(tiny_cfg(text_pool="attention"))
+    assert VideoDiT(tiny_cfg()).text_pool is None
+    c = cond(empty_row=False)
+    text = m.text_proj(c["text"])                                       # (B, L, C)
+    mask = c["text_mask"]
+    a = m.text_pool(text, mask)                                          # (B, C)
+    changed = text.clone()
+    changed[:, 1] += 1.0                                                 # a visible token
+    assert not torch.allclose(m.text_pool(changed, mask), a)
+    hidden = text.clone()
+    hidden[0, 4] += 1.0                                                  # masked in row 0
+    torch.testing.assert_close(m.text_pool(hidden, mask)[0], a[0])
+    with pytest.raises(ValueError, match="text_pool"):
+        VideoDiT(tiny_cfg(text_pool="max"))
