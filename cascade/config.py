@@ -101,6 +101,8 @@ class InterpConfig:
     rate: int = 4                   # r: frames per keyframe interval (r-1 new frames between two keys)
     aug_max: float = 0.3            # training: keyframes noise-augmented to t_aug ~ U(0, aug_max)
     aug_sample: float = 0.1         # sampling: the fixed augmentation level of the keyframes
+    residual: bool = False          # diffuse x - the keyframes' linear interpolation (stages.InterpStage)
+    residual_scale: float = 1.0     # residual: diffuse it times this (~ 1 / its std)
 
 
 @dataclass
@@ -251,6 +253,8 @@ def _validate_interp(cfg: StageConfig) -> None:
     for key in ("aug_max", "aug_sample"):
         if not 0.0 <= getattr(i, key) <= 1.0:
             raise ConfigError(f"interp.{key}: must be in [0, 1], got {getattr(i, key)}")
+    if i.residual_scale <= 0:
+        raise ConfigError(f"interp.residual_scale: must be positive, got {i.residual_scale}")
     err = interp_frames_error(cfg.dit.frames, i.rate)
     if err:
         raise ConfigError(f"dit.frames: {err}")

@@ -342,7 +342,7 @@ def stage_quality(pipe, sampling: dict, clips: int = 8, seed: int = 0, lp=None) 
             and sr.downsample), super-resolved: PSNR against the truth; baseline: bilinear
             upsampling (`upsample_video`, what the stage is conditioned on)."""
     from cascade.models.unet import upsample_video
-    from cascade.stages import downsample_video
+    from cascade.stages import downsample_video, keyframe_lerp
     dev, out = pipe.device, {}
     vae = pipe.vae
     videos, _ = _heldout(pipe.vae_cfg.data, clips)
@@ -360,8 +360,7 @@ def stage_quality(pipe, sampling: dict, clips: int = 8, seed: int = 0, lp=None) 
         gen = torch.Generator().manual_seed(seed)
         filled = pipe._interpolate(keys, enc(captions), enc.null(len(captions)), sampling["interp"],
                                    gen, False)                                   # (N, C, F, h, w)
-        lerp = torch.nn.functional.interpolate(keys, size=z.shape[2:], mode="trilinear",
-                                               align_corners=True)               # (N, C, F, h, w)
+        lerp = keyframe_lerp(keys, r)                                             # (N, C, F, h, w)
         dec = lambda x: vae.decode_latents(x).clamp(-1, 1)  # noqa: E731
         out["interp"] = {"psnr": _mean_psnr(dec(filled), videos),
                          "baseline_lerp_psnr": _mean_psnr(dec(lerp), videos),

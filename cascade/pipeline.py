@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from cascade.config import ConfigError
-from cascade.stages import interp_condition, keyframe_count, load_export, load_vae
+from cascade.stages import interp_condition, keyframe_count, keyframe_lerp, load_export, load_vae
 
 STAGE_NAMES = ("vae", "base", "interp", "sr")
 REQUIRED_STAGES = ("vae", "base")
@@ -429,7 +429,11 @@ class Pipeline:
         c = {**{k: v[per_group] for k, v in cond.items()}, **frames_cond}
         u = {**{k: v[per_group] for k, v in uncond.items()}, **frames_cond}   # only the text nulled
         noise = torch.randn(B * G, C, N, h, w, generator=gen).to(keys.device)
-        filled = self._sample(st, noise, c, u, sampling, gen, progress).view(B, G, C, N, h, w)
+        filled = self._sample(st, noise, c, u, sampling, gen, progress)   # (B*G, C, N, h, w)
+        if st.cfg.interp.residual:                                   # added to the clean keys' lerp
+            clean = torch.stack([keys[:, :, s:s + K] for s in starts], 1).flatten(0, 1)
+            filled = keyframe_lerp(clean, r) + filled / st.cfg.interp.residual_scale
+        filled = filled.view(B, G, C, N, h, w)
         video = keys.new_zeros(B, C, (n - 1) * r + 1, h, w)
         covered = 0                                                  # frames [0, covered) written
         for g, s in enumerate(starts):
