@@ -186,8 +186,8 @@ class AttentionPool(nn.Module):
     added to the time embedding, so adaLN sees the words the encoder's mean pooling dilutes
     (Imagen's attention-pooled text embedding, Saharia et al. 2022 App. E / imagen-pytorch).
     Measured on the tiny base: MiniLM's mean-pooled vectors of "... moving left ..." and "...
-    moving right ..." have cosine 0.986 (red vs green: 0.908), and a base trained with mean
-    pooling alone ignored the direction words (a swapped direction changed no prediction)."""
+    moving right ..." have cosine 0.986 (red vs green: 0.908). With this pooling the keyframes'
+    colour accuracy rose from 0.78 to 0.97 (5000 steps); the direction words are still ignored."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -228,8 +228,8 @@ class DiTBlock(nn.Module):
         grid = lambda y: y.reshape(B, T, S, C)                             # noqa: E731
         lnm = lambda y, sh, sc: grid(layer_norm_modulate(flat(y), sh.view(B, C), sc.view(B, C)))  # noqa: E731
         sh, sc, g = mods[0:3]                                              # x + g * f(...)
-        x = GatedResidual.apply(x, g, self.attn(lnm(x, sh, sc), "spatial" if self.factorised else "full",
-                                          rope, phases))
+        mode = "spatial" if self.factorised else "full"
+        x = GatedResidual.apply(x, g, self.attn(lnm(x, sh, sc), mode, rope, phases))
         if self.factorised:
             sh, sc, g = mods[3:6]
             x = GatedResidual.apply(x, g, self.temporal(lnm(x, sh, sc), "temporal", rope, phases))
