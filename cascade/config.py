@@ -124,6 +124,7 @@ class DiffusionConfig:
     shift: float = 1.0              # shifted_cosine: log-SNR shift = 2*log(shift)
     prediction: str = "v"           # v | eps | x0
     min_snr_gamma: float = 5.0      # min-SNR-gamma loss weighting (0 = off)
+    motion_weight: float = 0.0      # + this x MSE of the x0 estimate's frame differences (video stages)
     cond_drop: float = 0.1          # classifier-free guidance: text dropped with this probability
     sampler: str = "dpmpp_2m"       # ddim | dpmpp_2m | euler_ancestral
     steps: int = 25

@@ -287,3 +287,22 @@ def test_noise_augment():
     alpha, sigma = alpha_sigma(d.logsnr(t_aug))
     torch.testing.assert_close(noisy.mean((1, 2)), alpha * MU, atol=2e-2, rtol=0)
     torch.testing.assert_close(noisy.std((1, 2)), (alpha**2 * S**2 + sigma**2).sqrt(), atol=2e-2, rtol=0)
+
+
+def test_motion_loss_is_zero_for_the_oracle_and_sees_only_frame_differences():
+    """diffusion.motion_weight: the term is 0 for the exact x0, 0 for an x0 estimate off by the
+    same offset in every frame, and 1/2 of the frame-difference error otherwise (a known case)."""
+    from cascade.diffusion import motion_loss
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(2, 2, 3, 4, 4, generator=g), torch.randn(2, 2, 3, 4, 4, generator=g)
+    t = torch.rand(2, generator=g)
+    d = Diffusion(DiffusionConfig(prediction="v", motion_weight=1.0))
+
+    def oracle(x_t, t_, cond):
+        alpha, sigma = (a.view(-1, 1, 1, 1, 1) for a in alpha_sigma(d.logsnr(t_)))
+        return pred_from_x0_eps(x0, noise, alpha, sigma, "v")
+    assert d.loss(oracle, x0, {}, t=t, noise=noise).item() < 1e-10
+    assert motion_loss(x0 + 0.7, x0).item() < 1e-12                     # a still offset: no motion error
+    shifted = x0.clone()
+    shifted[:, :, 2] += 1.0                                              # last frame moved by 1
+    assert abs(motion_loss(shifted, x0).item() - 1.0 / 2) < 1e-6         # one of two differences off by 1
