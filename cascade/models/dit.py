@@ -100,13 +100,15 @@ class RopeQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, phases):                                       # (B, T, S, 3, h, d), (T, S, d/2)
         ctx.save_for_backward(phases)
+        ctx.qkv_meta = (qkv.shape, qkv.dtype, qkv.device)
         return _rotate(qkv[:, :, :, 0], phases), _rotate(qkv[:, :, :, 1], phases), qkv[:, :, :, 2]
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         (phases,) = ctx.saved_tensors
         conj = phases.conj()
-        g = torch.empty(*dq.shape[:3], 3, *dq.shape[3:], dtype=dq.dtype, device=dq.device)
+        shape, dtype, device = ctx.qkv_meta                              # any of dq, dk, dv may be None
+        g = torch.empty(shape, dtype=dtype, device=device)              # (B, T, S, 3, h, d)
         for i, d in enumerate((dq, dk)):
             if d is None:
                 g[:, :, :, i].zero_()
