@@ -85,7 +85,8 @@ def _sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, fast=False):
             q.numel() // q.shape[-1] * Lk * q.element_size() <= MATH_SCORES_BYTES):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                               scale=scale)
-    s = torch.matmul(q * (scale if scale is not None else q.shape[-1] ** -0.5), k.transpose(-1, -2))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q if scale == 1.0 else q * scale, k.transpose(-1, -2))  # pre-scaled q: no copy
     if is_causal:
         attn_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
     if attn_mask is not None:

@@ -18,7 +18,7 @@ from einops import rearrange
 
 from cascade.config import DiTConfig
 from kernels.attention import cross_attention, spacetime_attention
-from kernels.layer_norm_modulate import layer_norm_modulate
+from kernels.layer_norm_modulate import layer_norm_modulate_linear
 
 # DiT's model sizes (Table 1 of the paper); the CLI and configs accept these names.
 DIT_SIZES = {
@@ -95,58 +95,82 @@ class RopeQKV(torch.autograd.Function):
     """(q, k, v) from the fused projection qkv (B, T, S, 3, h, d): q and k rotated (contiguous), v a
     view. The backward writes dq * conj(phase), dk * conj(phase) and dv straight into one
     (B, T, S, 3, h, d) gradient, where split/unbind's autograd would stack and then concatenate it
-    (two extra copies of the largest activation: 100 ms of a 4.1 s width-512 step on one CPU thread)."""
+    (two extra copies of the largest activation: 100 ms of a 4.1 s width-512 step on one CPU thread).
+    q_scale multiplies q's phases: the attention's 1/sqrt(d) applied by the rotation for free, so
+    attention needs no scaled copy of q."""
 
     @staticmethod
-    def forward(ctx, qkv, phases):                                       # (B, T, S, 3, h, d), (T, S, d/2)
+    def forward(ctx, qkv, phases, q_scale=1.0):                          # (B, T, S, 3, h, d), (T, S, d/2)
         ctx.save_for_backward(phases)
-        ctx.qkv_meta = (qkv.shape, qkv.dtype, qkv.device)
-        return _rotate(qkv[:, :, :, 0], phases), _rotate(qkv[:, :, :, 1], phases), qkv[:, :, :, 2]
+        ctx.qkv_meta = (qkv.shape, qkv.dtype, qkv.device, q_scale)
+        return (_rotate(qkv[:, :, :, 0], phases * q_scale), _rotate(qkv[:, :, :, 1], phases),
+                qkv[:, :, :, 2])
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         (phases,) = ctx.saved_tensors
-        conj = phases.conj()
-        shape, dtype, device = ctx.qkv_meta                              # any of dq, dk, dv may be None
+        conj = phases.conj().resolve_conj()
+        shape, dtype, device, q_scale = ctx.qkv_meta                     # any of dq, dk, dv may be None
         g = torch.empty(shape, dtype=dtype, device=device)              # (B, T, S, 3, h, d)
-        for i, d in enumerate((dq, dk)):
+        for i, (d, ph) in enumerate(((dq, conj * q_scale), (dk, conj))):
             if d is None:
                 g[:, :, :, i].zero_()
-            elif g.dtype == torch.float32:
-                _rotate(d.contiguous(), conj, out=g[:, :, :, i])
+            elif g.dtype == torch.float32:                               # strided d read in place
+                pairs = d.stride(-1) == 1 and all(st % 2 == 0 for st in d.stride()[:-1])
+                _rotate(d if pairs else d.contiguous(), ph, out=g[:, :, :, i])
             else:                                                        # rotated in fp32 (_rotate)
-                g[:, :, :, i].copy_(_rotate(d, conj))
+                g[:, :, :, i].copy_(_rotate(d, ph))
         if dv is None:
             g[:, :, :, 2].zero_()
         else:
             g[:, :, :, 2].copy_(dv)
-        return g, None
+        return g, None, None
 
 
-class GatedResidual(torch.autograd.Function):
-    """x + g * f (adaLN-Zero's gated residual; g (B, 1, ..., C) broadcast over tokens) as one
-    addcmul, with a backward that skips addcmul's multiply of every gradient by its scalar value
-    (34 ms of a 4.1 s width-512 step on one CPU thread)."""
-
-    @staticmethod
-    def forward(ctx, x, g, f):
-        ctx.save_for_backward(g, f)
-        return torch.addcmul(x, g, f)
+class GatedLinear(torch.autograd.Function):
+    """adaLN-Zero's gated residual around a block's output projection, x + g * (o @ W^T + b), as one
+    GEMM: the per-sample gate is folded into the weights (W * g: C x C_in per sample) and the
+    residual and the gated bias into the GEMM's accumulator (baddbmm with beta 1). Against
+    linear + addcmul this skips writing the projection's output, one elementwise pass forward and
+    two backward (grad * g, and grad * f for dg), and does not save the projection's output.
+    x: (B, N, C), g: (B, C), o: (B, N, C_in), W: (C, C_in), b: (C,) -> (B, N, C) in x's dtype."""
 
     @staticmethod
-    def backward(ctx, grad):
-        g, f = ctx.saved_tensors
-        dg = df = None
-        if ctx.needs_input_grad[1]:
-            dims = [i for i in range(grad.dim()) if g.shape[i] == 1 and grad.shape[i] != 1]
-            dg = (grad * f).sum(dims, keepdim=True)
-        if ctx.needs_input_grad[2]:
-            df = grad * g
-        return grad, dg, df
+    def forward(ctx, x, g, o, W, b):
+        Wg = (W * g[:, :, None]).to(o.dtype)                             # (B, C, C_in)
+        out = x + (b * g)[:, None].to(x.dtype)                           # (B, N, C)
+        if o.dtype == x.dtype:
+            out.baddbmm_(o, Wg.transpose(1, 2))
+        else:                                                            # autocast: o in bf16/fp16
+            out += torch.bmm(o, Wg.transpose(1, 2)).to(x.dtype)
+        ctx.save_for_backward(g, o, W, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):                                             # (B, N, C)
+        g, o, W, b = ctx.saved_tensors
+        gc = grad.to(o.dtype)
+        do = torch.bmm(gc, (W * g[:, :, None]).to(o.dtype))              # (B, N, C_in)
+        dWg = torch.bmm(gc.transpose(1, 2), o).to(W.dtype)               # (B, C, C_in) per sample
+        gsum = grad.sum(1).to(W.dtype)                                   # (B, C)
+        dg = ((dWg * W).sum(2) + gsum * b).to(g.dtype)
+        dW = (dWg * g[:, :, None].to(W.dtype)).sum(0)
+        db = (gsum * g.to(W.dtype)).sum(0)
+        return grad, dg, do, dW, db
+
+
+def gated_linear(x, g, o, linear: nn.Linear):
+    """x + g * linear(o) (GatedLinear) for x (B, ..., C), g (B, C), o (B, ..., C_in)."""
+    B, C = x.shape[0], x.shape[-1]
+    out = GatedLinear.apply(x.reshape(B, -1, C), g, o.reshape(B, -1, o.shape[-1]),
+                            linear.weight, linear.bias)
+    return out.view(x.shape)
 
 
 class SelfAttention(nn.Module):
-    """Fused QKV projection; attention over `mode` (spatial | temporal | full) by the kernels."""
+    """adaLN-modulated fused QKV projection, attention over `mode` (spatial | temporal | full) by the
+    kernels, and the output projection added to the residual stream under the adaLN-Zero gate:
+    x + gate * proj(attn(LN(x) * (1 + scale) + shift))."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -154,15 +178,18 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x, mode: str, rope: Rope3D | None, phases):
-        B, T, S, C = x.shape
-        qkv = self.qkv(x).view(B, T, S, 3, self.heads, C // self.heads)  # (B, T, S, 3, h, d)
+    def forward(self, x, shift, scale, gate, mode: str, rope: Rope3D | None, phases):
+        B, T, S, C = x.shape                                             # shift, scale, gate: (B, C)
+        qkv = layer_norm_modulate_linear(x.reshape(B, T * S, C), shift, scale, self.qkv.weight,
+                                         self.qkv.bias).view(B, T, S, 3, self.heads, C // self.heads)
+        scale = None                                                     # the attention's 1/sqrt(d)
         if rope is not None:
-            q, k, v = RopeQKV.apply(qkv, phases)                         # 3 x (B, T, S, h, d)
+            q, k, v = RopeQKV.apply(qkv, phases, (C // self.heads) ** -0.5)  # 3 x (B, T, S, h, d)
+            scale = 1.0                                                  # q came pre-scaled
         else:
             q, k, v = qkv.unbind(3)                                      # strided views, no copy
-        o = spacetime_attention(q, k, v, mode=mode)                       # (B, T, S, h, d)
-        return self.proj(o.reshape(B, T, S, C))
+        o = spacetime_attention(q, k, v, mode=mode, scale=scale)          # (B, T, S, h, d)
+        return gated_linear(x, gate, o.reshape(B, T, S, C), self.proj)
 
 
 class CrossAttention(nn.Module):
@@ -225,19 +252,15 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c, text, mask, rope, phases):
         B, T, S, C = x.shape
-        mods = self.ada(c).view(B, self.n_mod, 1, 1, C).unbind(1)        # each (B, 1, 1, C)
-        flat = lambda y: y.reshape(B, T * S, C)                            # noqa: E731
-        grid = lambda y: y.reshape(B, T, S, C)                             # noqa: E731
-        lnm = lambda y, sh, sc: grid(layer_norm_modulate(flat(y), sh.view(B, C), sc.view(B, C)))  # noqa: E731
-        sh, sc, g = mods[0:3]                                              # x + g * f(...)
-        mode = "spatial" if self.factorised else "full"
-        x = GatedResidual.apply(x, g, self.attn(lnm(x, sh, sc), mode, rope, phases))
+        mods = self.ada(c).view(B, self.n_mod, C).unbind(1)              # shift, scale, gate: (B, C)
+        x = self.attn(x, *mods[0:3], "spatial" if self.factorised else "full", rope, phases)
         if self.factorised:
-            sh, sc, g = mods[3:6]
-            x = GatedResidual.apply(x, g, self.temporal(lnm(x, sh, sc), "temporal", rope, phases))
-        x = x + grid(self.cross(self.norm_cross(flat(x)), text, mask))
+            x = self.temporal(x, *mods[3:6], "temporal", rope, phases)
+        x = x + self.cross(self.norm_cross(x.reshape(B, T * S, C)), text, mask).view(B, T, S, C)
         sh, sc, g = mods[-3:]
-        return GatedResidual.apply(x, g, grid(self.mlp(flat(lnm(x, sh, sc)))))
+        fc1, act, fc2 = self.mlp
+        h = act(layer_norm_modulate_linear(x.reshape(B, T * S, C), sh, sc, fc1.weight, fc1.bias))
+        return gated_linear(x, g, h, fc2)                                # x + g * fc2(h)
 
 
 class FinalLayer(nn.Module):
@@ -248,7 +271,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         sh, sc = self.ada(c).chunk(2, dim=-1)
-        return self.linear(layer_norm_modulate(x, sh, sc))
+        return layer_norm_modulate_linear(x, sh, sc, self.linear.weight, self.linear.bias)
 
 
 class VideoDiT(nn.Module):

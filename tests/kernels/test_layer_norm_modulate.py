@@ -3,7 +3,8 @@ within twice PyTorch's own same-precision error plus a small floor, in the inter
 import pytest
 import torch
 
-from kernels.layer_norm_modulate import layer_norm_modulate, layer_norm_modulate_ref
+from kernels.layer_norm_modulate import (layer_norm_modulate, layer_norm_modulate_linear,
+                                         layer_norm_modulate_ref)
 
 from kernel_tolerance import assert_within
 
@@ -58,3 +59,31 @@ def test_dispatch_and_errors():
     assert torch.equal(layer_norm_modulate(x, s, s), layer_norm_modulate_ref(x, s, s))  # CPU: reference
     with pytest.raises(ValueError, match=r"shift, scale \(B, C\)"):
         layer_norm_modulate(x, s[:, :3], s[:, :3], backend="triton")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_modulated_linear_matches_unfused(bias):
+    """layer_norm_modulate_linear's reference path (the modulation folded into per-sample GEMM
+    weights) against F.linear of the reference modulation: output and every gradient, fp32, B=3,
+    shift and scale as strided chunks of one adaLN projection."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 20) * 3
+    mod = torch.randn(3, 60) * 0.5
+    lin = torch.nn.Linear(20, 11, bias=bias)
+    gy = torch.randn(3, 37, 11)
+    leaves = [x, mod, *lin.parameters()]
+
+    def run(fn):
+        for t in leaves:
+            t.requires_grad_()
+        shift, scale, _ = mod.chunk(3, dim=1)
+        out = fn(x, shift, scale)
+        return [out, *torch.autograd.grad(out, leaves, gy)]
+
+    got = run(lambda x, sh, sc: layer_norm_modulate_linear(x, sh, sc, lin.weight, lin.bias))
+    want = run(lambda x, sh, sc: torch.nn.functional.linear(layer_norm_modulate_ref(x, sh, sc),
+                                                           lin.weight, lin.bias))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"shift, scale \(B, C\)"):
+        layer_norm_modulate_linear(x, mod[:, :3], mod[:, :3], lin.weight)

@@ -4,7 +4,7 @@ import torch
 import kernels.attention as attention
 from cascade.config import ConfigError, DiTConfig, load_config
 from cascade.models import dit as dit_mod
-from cascade.models.dit import DIT_SIZES, GatedResidual, Rope3D, RopeQKV, VideoDiT
+from cascade.models.dit import DIT_SIZES, Rope3D, RopeQKV, VideoDiT, gated_linear
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -150,30 +150,41 @@ def test_gpu_scale_config_builds_on_meta():
     assert 0.9e9 < n < 1.2e9, n                  # DiT-XL/2 (675 M) + temporal attention + cross-attention
 
 
-def test_rope_qkv_and_gated_residual_match_plain_autograd():
-    """The two hand-written backwards (RopeQKV, GatedResidual) give the gradients of the plain ops."""
+def test_rope_qkv_and_gated_linear_match_plain_autograd():
+    """The hand-written backwards (RopeQKV, GatedLinear) give the outputs and gradients of the plain ops."""
     g = torch.Generator().manual_seed(0)
     B, T, S, h, d = 2, 3, 5, 2, 12
     rope = Rope3D(d)
     phases = rope.phases(T, 1, S, "cpu")                                 # (T, S, d/2)
     qkv = torch.randn(B, T, S, 3, h, d, generator=g, requires_grad=True)
     w = torch.randn(3, B, T, S, h, d, generator=g)
-    q, k, v = RopeQKV.apply(qkv, phases)
-    ((q * w[0]).sum() + (k * w[1]).sum() + (v * w[2]).sum()).backward()
-    ours, qkv.grad = qkv.grad, None
-    q, k, v = rope(qkv[:, :, :, 0], phases), rope(qkv[:, :, :, 1], phases), qkv[:, :, :, 2]
-    ((q * w[0]).sum() + (k * w[1]).sum() + (v * w[2]).sum()).backward()
-    torch.testing.assert_close(ours, qkv.grad)
+    # gradients arrive contiguous, or strided as from temporal attention's (b s) h t d layout
+    for perm in ((0, 1, 2, 3, 4), (0, 2, 3, 1, 4)):
+        wp = [w[i].permute(perm).contiguous() for i in range(3)]       # dq = wp permuted back
+        loss = lambda q, k, v: sum((t.permute(perm) * wp[i]).sum()  # noqa: E731
+                                   for i, t in enumerate((q, k, v)))
+        loss(*RopeQKV.apply(qkv, phases, 0.3)).backward()                 # q pre-scaled by 0.3
+        ours, qkv.grad = qkv.grad, None
+        loss(rope(qkv[:, :, :, 0], phases) * 0.3, rope(qkv[:, :, :, 1], phases),
+             qkv[:, :, :, 2]).backward()
+        torch.testing.assert_close(ours, qkv.grad)
+        qkv.grad = None
 
-    x, f = (torch.randn(B, T, S, 8, generator=g, requires_grad=True) for _ in range(2))
-    gate = torch.randn(B, 1, 1, 8, generator=g, requires_grad=True)
+    x = torch.randn(B, T, S, 8, generator=g, requires_grad=True)
+    o = torch.randn(B, T, S, 6, generator=g, requires_grad=True)
+    gate = torch.randn(B, 8, generator=g, requires_grad=True)
+    lin = torch.nn.Linear(6, 8)
     grad = torch.randn(B, T, S, 8, generator=g)
-    GatedResidual.apply(x, gate, f).backward(grad)
-    ours = [t.grad.clone() for t in (x, gate, f)]
-    for t in (x, gate, f):
+    leaves = (x, gate, o, lin.weight, lin.bias)
+    out = gated_linear(x, gate, o, lin)
+    out.backward(grad)
+    ours = [t.grad.clone() for t in leaves]
+    for t in leaves:
         t.grad = None
-    (x + gate * f).backward(grad)
-    for a, t in zip(ours, (x, gate, f)):
+    ref = x + gate[:, None, None] * lin(o)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref)
+    for a, t in zip(ours, leaves):
         torch.testing.assert_close(a, t.grad)
 
 
