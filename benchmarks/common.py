@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import math
 import os
 import platform
 import time
@@ -104,7 +105,8 @@ def flop_counter():
     """torch.utils.flop_counter.FlopCounterMode (display off) that also counts the CPU's fused
     attention: PyTorch's registry has formulas for the GPU SDPA kernels only, so on a CPU
     scaled_dot_product_attention counts 0 FLOPs unless its CPU kernels get the same formulas
-    (forward 4*B*H*Lq*Lk*D, backward 2.5x)."""
+    (forward 4*B*H*Lq*Lk*D, backward 2.5x), and the in-place GEMMs (baddbmm_, addmm_: the DiT's
+    gated projection accumulates into the residual) that the registry leaves at 0."""
     from torch.utils import flop_counter as fcm
     aten = torch.ops.aten
     fwd, bwd = (aten._scaled_dot_product_flash_attention_for_cpu,
@@ -117,6 +119,10 @@ def flop_counter():
         @fcm.register_flop_formula(bwd)
         def _sdpa_cpu_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
             return fcm.sdpa_backward_flop_count(grad_out, q, k, v)
+    if aten.baddbmm_ not in fcm.flop_registry:
+        @fcm.register_flop_formula([aten.baddbmm_, aten.addmm_])
+        def _gemm_inplace(self, a, b, *args, out_shape=None, **kwargs) -> int:
+            return 2 * math.prod(a) * b[-1]                          # (.., m, k) @ (.., k, n)
     return fcm.FlopCounterMode(display=False)
 
 
