@@ -237,7 +237,9 @@ class _ModulatedLinear(torch.autograd.Function):
         xn, shift, s1, W = ctx.saved_tensors
         dy = dy.to(xn.dtype)
         dxn = torch.bmm(dy, (W[None] * s1[:, None, :]).to(xn.dtype))   # (B, N, C)
-        dWs = torch.bmm(dy.transpose(1, 2), xn).to(W.dtype)             # (B, Co, C) per sample
+        # (B, Co, C) per sample, as (xn^T dy)^T: MKL runs the product with the wider side (Co) as
+        # its columns faster (qkv's 1536 x 512 at 4096 tokens: 164 against 145 GFLOP/s, 1 thread)
+        dWs = torch.bmm(xn.transpose(1, 2), dy).transpose(1, 2).to(W.dtype)
         ysum = dy.sum(1).to(W.dtype)                                     # (B, Co)
         dscale = (dWs * W[None]).sum(1)                                  # (B, C)
         dshift = ysum @ W                                                # (B, C)
