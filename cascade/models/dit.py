@@ -182,13 +182,13 @@ class SelfAttention(nn.Module):
         B, T, S, C = x.shape                                             # shift, scale, gate: (B, C)
         qkv = layer_norm_modulate_linear(x.reshape(B, T * S, C), shift, scale, self.qkv.weight,
                                          self.qkv.bias).view(B, T, S, 3, self.heads, C // self.heads)
-        scale = None                                                     # the attention's 1/sqrt(d)
+        attn_scale = None                                                # the default 1/sqrt(d)
         if rope is not None:
             q, k, v = RopeQKV.apply(qkv, phases, (C // self.heads) ** -0.5)  # 3 x (B, T, S, h, d)
-            scale = 1.0                                                  # q came pre-scaled
+            attn_scale = 1.0                                             # q came pre-scaled
         else:
             q, k, v = qkv.unbind(3)                                      # strided views, no copy
-        o = spacetime_attention(q, k, v, mode=mode, scale=scale)          # (B, T, S, h, d)
+        o = spacetime_attention(q, k, v, mode=mode, scale=attn_scale)     # (B, T, S, h, d)
         return gated_linear(x, gate, o.reshape(B, T, S, C), self.proj)
 
 
@@ -216,7 +216,8 @@ class AttentionPool(nn.Module):
     (Imagen's attention-pooled text embedding, Saharia et al. 2022 App. E / imagen-pytorch).
     Measured on the tiny base: MiniLM's mean-pooled vectors of "... moving left ..." and "...
     moving right ..." have cosine 0.986 (red vs green: 0.908). With this pooling the keyframes'
-    colour accuracy rose from 0.78 to 0.97 (5000 steps); the direction words are still ignored."""
+    colour accuracy rose from 0.78 to 0.97 (5000 steps); the direction words were still ignored
+    until the motion loss (cascade.diffusion.motion_loss)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
