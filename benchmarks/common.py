@@ -43,8 +43,10 @@ def machine_header() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     peers = "".join(f", {name} {mod.__version__}" for name in ("diffusers",)
                     if (mod := optional_import(name)) is not None)
+    heap = "" if torch.cuda.is_available() else \
+        f", C heap: {'freed memory kept' if _HEAP['kept'] else 'glibc defaults'} (--heap)"
     return (f"machine: {platform.machine()} {cpu_name()}, {torch.get_num_threads()} threads, "
-            f"{gpu}; torch {torch.__version__}, triton {triton.__version__}{peers}, "
+            f"{gpu}{heap}; torch {torch.__version__}, triton {triton.__version__}{peers}, "
             f"python {platform.python_version()}")
 
 
@@ -159,13 +161,23 @@ def bench_args(description: str) -> argparse.ArgumentParser:
                    help="smallest configuration, one repeat: checks that the script runs (seconds)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .csv and .png")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--heap", choices=("keep", "default"), default="keep",
+                   help="CPU: keep: large tensors reuse freed heap pages, as cascade train and "
+                        "sample run (cascade.heap); default: glibc's own (mmap per large tensor). "
+                        "Process-wide, from the first benchmark that sets it")
     return p
+
+
+_HEAP = {"kept": False}
 
 
 def parse_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not torch.cuda.is_available() and args.heap == "keep" and not _HEAP["kept"]:
+        from cascade.heap import keep_freed_memory
+        _HEAP["kept"] = keep_freed_memory(True)
     return args
 
 

@@ -24,7 +24,7 @@ def main(argv=None):
     p = bench_args(__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset")
     args = parse_args(p, argv)
-    common = (["--smoke"] if args.smoke else []) + ["--out", str(args.out)]
+    common = (["--smoke"] if args.smoke else []) + ["--out", str(args.out), "--heap", args.heap]
     if args.threads:
         common += ["--threads", str(args.threads)]
     print(machine_header())

@@ -298,6 +298,10 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     from cascade.config import ConfigError
+    import torch
+    if not torch.cuda.is_available():
+        from cascade.heap import keep_freed_memory
+        keep_freed_memory()                          # large CPU tensors reuse freed pages (heap.py)
     try:
         args.fn(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:

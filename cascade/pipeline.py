@@ -11,7 +11,6 @@ asked for, and then they must be there).
 """
 from __future__ import annotations
 
-import ctypes
 import resource
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from cascade.config import ConfigError
+from cascade.heap import malloc_trim
 from cascade.stages import interp_condition, keyframe_count, keyframe_lerp, load_export, load_vae
 
 STAGE_NAMES = ("vae", "base", "interp", "sr")
@@ -126,15 +126,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _malloc_trim() -> None:
-    """Return the C heap's free pages to the OS (glibc; a no-op elsewhere): without it a stage that
-    reuses pages an earlier stage freed (but the heap kept mapped) adds no RSS and reads as 0."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _ru_maxrss_bytes() -> int:
     kb_or_b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb_or_b if sys.platform == "darwin" else kb_or_b * 1024      # Linux reports kB
@@ -170,7 +161,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif "VmHWM" in self.kind:
-            _malloc_trim()
+            malloc_trim()
             _reset_peak_rss()
             start = (_proc_status_kb("VmRSS") or 0) * 1024
         else:
