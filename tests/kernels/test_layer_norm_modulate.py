@@ -61,16 +61,17 @@ def test_dispatch_and_errors():
         layer_norm_modulate(x, s[:, :3], s[:, :3], backend="triton")
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_modulated_linear_matches_unfused(bias):
+@pytest.mark.parametrize("bias,B", [(True, 3), (False, 3), (True, 1)])
+def test_modulated_linear_matches_unfused(bias, B):
     """layer_norm_modulate_linear's reference path (the modulation folded into per-sample GEMM
-    weights) against F.linear of the reference modulation: output and every gradient, fp32, B=3,
-    shift and scale as strided chunks of one adaLN projection."""
+    weights) against F.linear of the reference modulation: output and every gradient, fp32, B=3 and
+    B=1 (its own weight-gradient branch), shift and scale as strided chunks of one adaLN
+    projection."""
     torch.manual_seed(0)
-    x = torch.randn(3, 37, 20) * 3
-    mod = torch.randn(3, 60) * 0.5
+    x = torch.randn(B, 37, 20) * 3
+    mod = torch.randn(B, 60) * 0.5
     lin = torch.nn.Linear(20, 11, bias=bias)
-    gy = torch.randn(3, 37, 11)
+    gy = torch.randn(B, 37, 11)
     leaves = [x, mod, *lin.parameters()]
 
     def run(fn):
