@@ -84,15 +84,8 @@ def timed(fn, reps: int) -> tuple[float, float, int]:
     return min(times), counter.get_total_flops(), peak
 
 
-_MEASURED: dict[tuple, dict] = {}                 # (case, model, reps, device) -> row, per process
-
-
 def measure(case: str, spec, reps: int, device) -> dict:
-    """One row: the model's size, forward and training-step time, FLOPs and peak memory. Measured
-    once per process: bench_utilisation, run after this script by run_all, reuses the rows."""
-    key = (case, spec.name, reps, str(device))
-    if key in _MEASURED:
-        return dict(_MEASURED[key])
+    """One row: the model's size, forward and training-step time, FLOPs and peak memory."""
     model = spec.build().to(device)
     args = _to(spec.inputs(), device)
     row = {"case": case, "model": spec.name, "params M": param_count(model) / 1e6}
@@ -105,8 +98,7 @@ def measure(case: str, spec, reps: int, device) -> dict:
                 "GFLOP fwd+bwd": both_flops / 1e9, "GFLOP/s fwd+bwd": both_flops / both / 1e9})
     if spec.note:
         row["note"] = spec.note
-    _MEASURED[key] = row
-    return dict(row)
+    return row
 
 
 def _to(x, device):

@@ -205,9 +205,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, text, mask):
         B, N, C = x.shape
-        q = self.q(x).view(B, N, self.heads, C // self.heads)              # (B, N, h, d)
+        s = (C // self.heads) ** -0.5                                    # 1/sqrt(d) in q's weights:
+        q = F.linear(x, self.q.weight * s, self.q.bias * s).view(B, N, self.heads, C // self.heads)
         k, v = self.kv(text).view(B, text.shape[1], 2, self.heads, C // self.heads).unbind(2)
-        return self.proj(cross_attention(q, k, v, key_mask=mask).reshape(B, N, C))
+        o = cross_attention(q, k, v, key_mask=mask, scale=1.0)           # no scaled copy of q
+        return self.proj(o.reshape(B, N, C))
 
 
 class AttentionPool(nn.Module):
