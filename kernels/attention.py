@@ -79,19 +79,53 @@ MATH_SCORES_BYTES = 8 << 20
 
 def _sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, fast=False):
     """F.scaled_dot_product_attention (q, k, v: (..., L, D)); fast=True on a CPU with small score
-    matrices: the same attention as two matmuls around a softmax (MATH_SCORES_BYTES)."""
+    matrices: the same attention as two matmuls around a softmax (MATH_SCORES_BYTES, _MathAttention)."""
     Lq, Lk = q.shape[-2], k.shape[-2]
     if not (fast and q.device.type == "cpu" and
             q.numel() // q.shape[-1] * Lk * q.element_size() <= MATH_SCORES_BYTES):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                               scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q if scale == 1.0 else q * scale, k.transpose(-1, -2))  # pre-scaled q: no copy
     if is_causal:
         attn_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf"))
-    return torch.matmul(s.softmax(-1), v)
+    return _MathAttention.apply(q, k, v, attn_mask, scale)
+
+
+class _MathAttention(torch.autograd.Function):
+    """softmax(q k^T * scale, masked) v by two batched matmuls, q, k, v: (..., L, D) in any layout,
+    attn_mask broadcastable to (..., Lq, Lk), True = attend. Against the same ops under autograd:
+    a strided v (the temporal mode's view into the fused qkv) is made contiguous once, not again in
+    the backward; dq, dk and dv come out contiguous (autograd's matmul leaves dk transposed, and
+    RoPE's backward then copies it); the scale multiplies the scores in place (none when 1, as
+    when q comes pre-scaled)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, scale):
+        *batch, Lq, D = q.shape
+        Lk = k.shape[-2]
+        q3, k3, v3 = (x.reshape(-1, x.shape[-2], x.shape[-1]) for x in (q, k, v))  # (n, L, D)
+        s = torch.bmm(q3, k3.transpose(1, 2))                           # (n, Lq, Lk)
+        if scale != 1.0:
+            s.mul_(scale)
+        if attn_mask is not None:
+            s.view(*batch, Lq, Lk).masked_fill_(~attn_mask, float("-inf"))
+        p = torch.softmax(s, -1)
+        ctx.save_for_backward(q3, k3, v3, p)
+        ctx.scale, ctx.shapes = scale, (q.shape, k.shape, v.shape)
+        return torch.bmm(p, v3).view(*batch, Lq, v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, do):
+        q3, k3, v3, p = ctx.saved_tensors
+        do3 = do.reshape(p.shape[0], p.shape[1], do.shape[-1])          # (n, Lq, Dv)
+        dv = torch.bmm(p.transpose(1, 2), do3)
+        ds = torch._softmax_backward_data(torch.bmm(do3, v3.transpose(1, 2)), p, -1, p.dtype)
+        if ctx.scale != 1.0:
+            ds.mul_(ctx.scale)
+        dq = torch.bmm(ds, k3)
+        dk = torch.bmm(ds.transpose(1, 2), q3)
+        qs, ks, vs = ctx.shapes
+        return dq.view(qs), dk.view(ks), dv.view(vs), None, None
 
 
 def spacetime_attention_ref(q, k, v, mode="spatial", causal=False, scale=None, upcast=False,

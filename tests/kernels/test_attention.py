@@ -99,6 +99,21 @@ def test_cpu_path_picks_matmuls_only_for_small_scores(monkeypatch):
     assert calls
 
 
+@pytest.mark.parametrize("mode,causal,scale", [("temporal", True, 0.3), ("temporal", False, None),
+                                               ("spatial", False, 1.0)])
+def test_cpu_math_path_matches_sdpa(mode, causal, scale):
+    """The CPU's two-matmul attention (_MathAttention: small score matrices) on strided views of one
+    fused (B, T, S, 3, H, D) qkv against SDPA: output and the qkv gradient, fp32."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 5, 6, 3, 2, 8, requires_grad=True)
+    g = torch.randn(2, 5, 6, 2, 8)
+    got, want = (spacetime_attention_ref(*qkv.unbind(3), mode, causal, scale, fast=fast)
+                 for fast in (True, False))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(got, qkv, g)[0],
+                               torch.autograd.grad(want, qkv, g)[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["temporal", "full"])
 def test_spacetime_odd_layouts(mode):
     """Separately allocated (B, S, T, H, D) tensors seen as (B, T, S, H, D) (time and space do not
