@@ -5,8 +5,9 @@
 In order: bench_train, bench_sample, bench_peers, bench_utilisation (which times each training
 step in turn with the matmul it is divided by), bench_scaling. Each writes its .md, .csv and .png
 to --out; this script also writes <out>/summary.md with every table and the seconds each benchmark
-took. Designed to finish in under 10 minutes on 2 CPU cores (the kernel microbenchmarks, bench_attention / bench_conv3d /
-bench_conv2plus1d / bench_norms, are separate: without a GPU they only check correctness).
+took. Designed to finish in under 10 minutes on 2 CPU cores (the kernel microbenchmarks,
+bench_attention / bench_conv3d / bench_conv2plus1d / bench_norms, are separate: without a GPU they
+only check correctness).
 """
 from __future__ import annotations
 
