@@ -107,12 +107,13 @@ def main(argv=None):
                          "% of matmul": 100 * rate / mm_rate})
             print(f"  width {width} {spec.name}: {seconds:.3g} s/step, {rate / 1e9:.1f} GFLOP/s, "
                   f"{100 * rate / mm_rate:.0f}% of the matmul timed in turn with it "
-                  f"({mm_rate / 1e9:.1f} GFLOP/s; {100 * rate / peak:.0f}% of the first)", flush=True)
+                  f"({mm_rate / 1e9:.1f} GFLOP/s; {100 * rate / peak:.0f}% of the first)",
+                  flush=True)
             del model, step
-    notes.append(f"fp32, best of {reps} after a warm-up. '% of matmul': a step row's FLOP/s over "
-                 f"the best FLOP/s of the {n_peak}^3 matmul timed in turn with that step (same "
-                 f"repeats); the matmul rows: over the best of the sizes ({peak / 1e9:.1f} GFLOP/s), "
-                 f"timed before the steps. Step: batch 1, "
+    notes.append(f"fp32, best of {reps} after a warm-up. '% of matmul': a step row's FLOP/s "
+                 f"over the best FLOP/s of the {n_peak}^3 matmul timed in turn with that step "
+                 f"(same repeats); the matmul rows: over the best of the sizes "
+                 f"({peak / 1e9:.1f} GFLOP/s), timed before the steps. Step: batch 1, "
                  + ("toy shapes (--smoke)" if args.smoke else
                     "16 frames of 32x32x4 latents, patch 2 (4096 tokens), 4 layers, text 24 x 384."))
 

@@ -79,7 +79,8 @@ MATH_SCORES_BYTES = 8 << 20
 
 def _sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, fast=False):
     """F.scaled_dot_product_attention (q, k, v: (..., L, D)); fast=True on a CPU with small score
-    matrices: the same attention as two matmuls around a softmax (MATH_SCORES_BYTES, _MathAttention)."""
+    matrices: the same attention as two matmuls around a softmax (MATH_SCORES_BYTES,
+    _MathAttention)."""
     Lq, Lk = q.shape[-2], k.shape[-2]
     if not (fast and q.device.type == "cpu" and
             q.numel() // q.shape[-1] * Lk * q.element_size() <= MATH_SCORES_BYTES):
@@ -101,7 +102,7 @@ class _MathAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, scale):
-        *batch, Lq, D = q.shape
+        *batch, Lq, _ = q.shape
         Lk = k.shape[-2]
         q3, k3, v3 = (x.reshape(-1, x.shape[-2], x.shape[-1]) for x in (q, k, v))  # (n, L, D)
         s = torch.bmm(q3, k3.transpose(1, 2))                           # (n, Lq, Lk)

@@ -24,9 +24,10 @@ def test_env_turns_it_off(monkeypatch):
 def test_a_repeated_step_stops_page_faulting():
     """A training step's pattern (large tensors allocated, written and freed, again and again),
     120 MiB per round in tensors over glibc's largest mmap threshold: with glibc's defaults every
-    round faults all 30720 pages in again. After keep_freed_memory the rounds reuse the heap's pages: after a
-    few rounds (posix_memalign's padding leaves a freed chunk a little short of the next request
-    until neighbours merge) a round faults in nothing. malloc_trim then hands the pages back."""
+    round faults all 30720 pages in again. After keep_freed_memory the rounds reuse the heap's
+    pages: after a few rounds (posix_memalign's padding leaves a freed chunk a little short of the
+    next request until neighbours merge) a round faults in nothing. malloc_trim then hands the
+    pages back."""
     if _libc() is None:
         pytest.skip("glibc only: elsewhere keep_freed_memory is a no-op by design")
     assert keep_freed_memory(True)
