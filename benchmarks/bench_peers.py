@@ -39,7 +39,8 @@ import torch
 
 from benchmarks.cases import dit_specs, param_count, unet_specs, vae_specs
 from benchmarks.common import (bench_args, flop_counter, grouped_bar_plot, optional_import,
-                               parse_args, peak_memory, peer_notice, reference_kernels, report)
+                               parse_args, peak_memory, peer_notice, reference_kernels, report,
+                               to_device)
 
 
 def forward_fn(model, spec, args):
@@ -87,7 +88,7 @@ def timed(fn, reps: int) -> tuple[float, float, int]:
 def measure(case: str, spec, reps: int, device) -> dict:
     """One row: the model's size, forward and training-step time, FLOPs and peak memory."""
     model = spec.build().to(device)
-    args = _to(spec.inputs(), device)
+    args = to_device(spec.inputs(), device)
     row = {"case": case, "model": spec.name, "params M": param_count(model) / 1e6}
     model.eval()
     fwd, fwd_flops, fwd_peak = timed(forward_fn(model, spec, args), reps)
@@ -101,22 +102,12 @@ def measure(case: str, spec, reps: int, device) -> dict:
     return row
 
 
-def _to(x, device):
-    if torch.is_tensor(x):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
-
-
 def profile(case: str, spec, device, rows: int = 25) -> str:
     """torch.profiler table (self CPU time) of one training step of spec, after a warm-up."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     model = spec.build().to(device).train()
-    step = train_step_fn(model, spec, _to(spec.inputs(), device))
+    step = train_step_fn(model, spec, to_device(spec.inputs(), device))
     step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=acts, record_shapes=False) as prof:

@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.bench_peers import timed
 from benchmarks.cases import REPO, randomize_zero_init, text_cond
-from benchmarks.common import bench_args, grouped_bar_plot, parse_args, report
+from benchmarks.common import bench_args, grouped_bar_plot, parse_args, report, to_device
 
 STAGES = ("vae", "base", "interp", "sr")
 
@@ -130,8 +130,7 @@ def main(argv=None):
             torch.manual_seed(0)
             cfg, net, inputs, loss_fn, tokens = stage_step(name, overrides.get(name, []))
             net = net.to(device).train()
-            inputs = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict)
-                          else v.to(device)) for k, v in inputs.items()}
+            inputs = to_device(inputs, device)
             seconds, flops, peak = timed(train_step(net, inputs, loss_fn, cfg.train.lr), reps)
             B = cfg.train.batch_size
             rows.append({"scale": scale, "stage": name, "shape": describe(name, cfg), "batch": B,

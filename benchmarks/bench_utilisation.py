@@ -25,10 +25,10 @@ import time
 
 import torch
 
-from benchmarks.bench_peers import _to, train_step_fn
+from benchmarks.bench_peers import train_step_fn
 from benchmarks.cases import dit_specs, param_count
 from benchmarks.common import (bench_args, count_flops, grouped_bar_plot, optional_import,
-                               parse_args, peer_notice, report)
+                               parse_args, peer_notice, report, to_device)
 
 
 def _sync(device):
@@ -96,7 +96,7 @@ def main(argv=None):
         for spec in dit_specs(width, heads, peers=peers, **kw):
             torch.manual_seed(0)
             model = spec.build().to(device).train()
-            step = train_step_fn(model, spec, _to(spec.inputs(), device))
+            step = train_step_fn(model, spec, to_device(spec.inputs(), device))
             flops = count_flops(step)
             seconds, mm_s = best_seconds([step, mm], reps, device)
             rate, mm_rate = flops / seconds, mm_flops / mm_s

@@ -63,6 +63,17 @@ def peer_notice(name: str) -> str:
             f"(pip install -e '.[bench]' installs the benchmark peers)")
 
 
+def to_device(x, device):
+    """Tensors in x (nested dicts, tuples, lists) moved to device; anything else as it is."""
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
 def time_fn(fn, warmup: int = 2, reps: int = 5) -> float:
     """Best-of-`reps` wall time in seconds (CUDA-synchronised on a GPU)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
