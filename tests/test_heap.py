@@ -41,7 +41,7 @@ def test_a_repeated_step_stops_page_faulting():
     """120 MiB per round in tensors over glibc's largest mmap threshold: with glibc's defaults
     every round faults all 30720 pages in again. After keep_freed_memory the rounds reuse the
     heap's pages: after a few rounds (posix_memalign's padding leaves a freed chunk a little short
-    of the next request until neighbours merge; four to seven rounds in ten fresh processes here)
+    of the next request until neighbours merge; three to seven rounds in ten fresh processes here)
     the rounds fault in nothing. malloc_trim then hands
     the pages back."""
     if _libc() is None:
