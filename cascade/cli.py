@@ -177,12 +177,55 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{stage}-sampler", choices=samplers, help=f"the {stage} stage's sampler")
 
 
+MAX_STEPS = 1000        # sampling steps per stage (the schedules are trained on continuous t)
+MAX_GUIDANCE = 100.0    # classifier-free guidance scale: 0 (unconditional) .. this
+MAX_FRAMES = 4096       # output frames of `cascade sample --frames`
+MAX_VIDEOS = 1024       # --num-videos per prompt
+
+
+def check_sampling_args(args) -> None:
+    """Sampling numbers a user can mistype, checked before anything is loaded or allocated:
+    finite, in range; one-line ValueError naming the flag."""
+    import math
+    for stage in ("", "base_", "interp_", "sr_"):
+        steps, guidance = getattr(args, f"{stage}steps", None), getattr(args, f"{stage}guidance", None)
+        flag = "--" + stage.replace("_", "-")
+        if steps is not None and not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"{flag}steps: must be 1..{MAX_STEPS}, got {steps}")
+        if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+            raise ValueError(f"{flag}guidance: must be a finite number in 0..{MAX_GUIDANCE:g}, got {guidance}")
+    frames = getattr(args, "frames", None)
+    if frames is not None and not 1 <= frames <= MAX_FRAMES:
+        raise ValueError(f"--frames: must be 1..{MAX_FRAMES}, got {frames}")
+    videos = getattr(args, "num_videos", None)
+    if videos is not None and not 1 <= videos <= MAX_VIDEOS:
+        raise ValueError(f"--num-videos: must be 1..{MAX_VIDEOS}, got {videos}")
+
+
+def writable_folder(path: str | Path, flag: str = "--out") -> Path:
+    """Make the output folder and prove it takes a file, before any sampling: a path that is a
+    file, or a folder that is read-only, is a one-line error naming it."""
+    import tempfile
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag}: {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write to {out} ({e.strerror or e})") from None
+    return out
+
+
 def cmd_sample(args) -> None:
     import torch
 
     from cascade.pipeline import Pipeline, format_table
     from cascade.video_io import contact_sheet, write_mp4
+    check_sampling_args(args)
     prompts = read_prompts(args)
+    out = writable_folder(args.out)
     cc = load_cascade(args.cascade)
     wanted = {"vae", "base"} | ({"interp"} if not args.no_interp else set()) \
         | ({"sr"} if not args.no_sr else set())
@@ -192,11 +235,13 @@ def cmd_sample(args) -> None:
     pipe = Pipeline(stages, device, use_interp=False if args.no_interp else None,
                     use_sr=False if args.no_sr else None)
     per_stage = resolve_sampling(args, cc)
-    res = pipe(prompts, seed=args.seed, num_videos=args.num_videos, **per_stage,
+    res = pipe(prompts, seed=args.seed, num_videos=args.num_videos, batch_size=args.batch_size,
+               **per_stage,
                interp_passes=args.interp_passes, frames=args.frames,
                progress=not args.no_progress)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not torch.isfinite(res.video).all():            # never write black videos over good ones
+        raise ValueError(f"sampling gave non-finite values (check the sampling flags and the "
+                         f"stages in {stages}); nothing was written to {out}")
     paths = []
     for i, (video, prompt) in enumerate(zip(res.video, res.prompts)):
         name = f"{i:03d}_{slug(prompt)}"
@@ -219,6 +264,8 @@ def cmd_eval(args) -> None:
     import torch
 
     from cascade.evaluate import default_prompts, evaluate, markdown, write_report
+    check_sampling_args(args)
+    writable_folder(args.out)
     cc = load_cascade(args.cascade)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = default_prompts(args.num_prompts, args.seed)              # checks the count first
@@ -259,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     add_sampling_flags(s)
     s.add_argument("--num-videos", type=int, default=1)
+    s.add_argument("--batch-size", type=int, default=1, help="videos sampled together (faster for "
+                   "many; 1, the default, gives each video the same bytes in any command)")
     s.add_argument("--interp-passes", type=int, choices=(1, 2), help="run interp once (default) "
                    "or twice (frame rate x r^2)")
     s.add_argument("--frames", type=int, help="frames of the output video (default: what the base "
@@ -304,8 +353,12 @@ def main(argv=None) -> int:
         keep_freed_memory()                          # large CPU tensors reuse freed pages (heap.py)
     try:
         args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                         # a full disk, a read-only folder: one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cascade {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

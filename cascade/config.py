@@ -26,6 +26,8 @@ class DataConfig:
     fps: float = 8.0          # clips are sampled at this frame rate from real videos
     root: str = ""            # folder of videos (kind=folder)
     manifest: str = ""        # CSV or JSONL with columns path, caption (kind=folder)
+    val_manifest: str = ""    # kind=folder: a manifest of held-out videos (same root) for held-out metrics
+    val_fraction: float = 0.05  # kind=folder without val_manifest: this share of the rows (>= 1) held out of training
     seed: int = 0             # the synthetic stream is deterministic by seed
     image_fraction: float = 0.0  # W.A.L.T joint training: share of 1-frame clips (0 = video only)
 
@@ -205,6 +207,8 @@ def validate(cfg: StageConfig) -> StageConfig:
                 "vae.latent_channels", "diffusion.steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0 <= cfg.data.image_fraction <= 1:
         raise ConfigError(f"data.image_fraction: must be in [0, 1], got {cfg.data.image_fraction}")
     if cfg.data.image_fraction and cfg.stage == "interp":
@@ -308,9 +312,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
     try:
         if path is not None:
             path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            base = OmegaConf.merge(base, OmegaConf.load(path))
+            base = OmegaConf.merge(base, read_yaml(path))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -326,6 +328,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
     return validate(cfg) if schema is StageConfig else cfg
 
 
+def read_yaml(path: str | Path):
+    """A YAML file whose top level is a mapping -> DictConfig; anything else (missing, not
+    YAML, not text, a list or a scalar at the top) is a one-line ConfigError naming the file."""
+    import yaml
+    from omegaconf import DictConfig
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML text file (it is not UTF-8)") from None
+    if not isinstance(loaded, DictConfig):
+        kind = "a list" if isinstance(loaded, list) or type(loaded).__name__ == "ListConfig" \
+            else type(loaded).__name__
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (stage:, data:, "
+                          f"train:, ...), got {kind}")
+    return loaded
+
+
 def _apply_dit_size(cfg) -> None:
     """A named DiT size fills hidden/depth/heads (the registry lives beside the model)."""
     if not cfg.dit.size:
@@ -338,4 +365,9 @@ def _apply_dit_size(cfg) -> None:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    """Write the config's YAML whole, then rename it into place (a kill mid-write leaves the
+    previous file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(path)

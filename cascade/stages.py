@@ -51,8 +51,53 @@ def noise_augment_per_sample(diffusion, x, t_aug, gens) -> torch.Tensor:
                       for i, g in enumerate(gens)])
 
 
+def stage_network(cfg: StageConfig) -> nn.Module:
+    """The network a stage's config describes (untrained): VideoVAE, VideoDiT or VideoUNet."""
+    if cfg.stage == "vae":
+        from cascade.models.vae import VideoVAE
+        return VideoVAE(cfg.vae)
+    if cfg.stage == "sr":
+        from cascade.models.unet import VideoUNet
+        return VideoUNet(cfg.unet)
+    from cascade.models.dit import VideoDiT
+    return VideoDiT(cfg.dit)
+
+
+def state_mismatch(want: dict, have: dict) -> str | None:
+    """One line on how the tensors `have` differ from the shapes `want` ({name: tensor}), or
+    None when the names and shapes agree: the first difference and how many more there are."""
+    problems = []
+    for k, v in want.items():
+        if k not in have:
+            problems.append(f"'{k}' is missing")
+        elif tuple(have[k].shape) != tuple(v.shape):
+            problems.append(f"'{k}' is {tuple(have[k].shape)}, the config makes {tuple(v.shape)}")
+    problems += [f"'{k}' is not in the config's network" for k in have if k not in want]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more difference(s))" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
+def read_safetensors(path: str | Path) -> dict:
+    """A safetensors file -> {name: tensor}; a truncated or foreign file is a one-line
+    ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as e:                              # safetensors' SafetensorError, OSError, ...
+        if isinstance(e, FileNotFoundError):
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a readable safetensors file ({msg}); it may be truncated "
+                         f"or damaged: export it again") from None
+
+
 def load_export(folder: str | Path, expect_stage: str | None = None):
-    """An exported stage folder (config.yaml + model.safetensors) -> (StageConfig, state dict)."""
+    """An exported stage folder (config.yaml + model.safetensors) -> (StageConfig, state dict).
+
+    The weights are checked against the network the config describes (built on the meta device,
+    no memory), so a config that does not match its weights is one line naming the first
+    tensor that differs, not a page of load_state_dict errors."""
     folder = Path(folder)
     cfg_path, weights = folder / "config.yaml", folder / "model.safetensors"
     for p in (cfg_path, weights):
@@ -61,7 +106,13 @@ def load_export(folder: str | Path, expect_stage: str | None = None):
     cfg = load_config(cfg_path)
     if expect_stage and cfg.stage != expect_stage:
         raise ConfigError(f"{folder}: holds a '{cfg.stage}' stage, expected '{expect_stage}'")
-    return cfg, load_file(str(weights))
+    state = read_safetensors(weights)
+    with torch.device("meta"):
+        want = stage_network(cfg).state_dict()
+    diff = state_mismatch(want, state)
+    if diff:
+        raise ConfigError(f"{cfg_path} does not match {weights.name}: {diff}")
+    return cfg, state
 
 
 def load_vae(folder: str | Path, device="cpu"):

@@ -13,11 +13,14 @@ models append their own always-visible null token).
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+log = logging.getLogger(__name__)
 
 
 def minilm_path() -> Path:
@@ -73,6 +76,7 @@ class TextEncoder(nn.Module):
         self.max_length = max_length
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple] = OrderedDict()   # prompt -> (text, mask, pooled)
+        self._warned_cut = False                                # long prompt cut: said once
         cfg = model.config
         self._dim = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model")
         self.eval()
@@ -106,8 +110,24 @@ class TextEncoder(nn.Module):
         """Frozen: always in eval mode (no dropout), whatever a parent module asks."""
         return super().train(False)
 
+    def _warn_if_cut(self, prompts: list[str]) -> None:
+        """Say once per encoder that a prompt is longer than max_length tokens and is cut."""
+        if self._warned_cut:
+            return
+        ids = self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+        lengths = [len(i) for i in ids]
+        for p, n in zip(prompts, lengths):
+            if n > self.max_length:
+                self._warned_cut = True
+                short = p if len(p) <= 60 else p[:57] + "..."
+                log.warning("text: a prompt of %d tokens is cut to the text encoder's %d "
+                            "(text.max_length); the words past it are ignored: '%s' (said once; "
+                            "later long prompts are cut the same way)", n, self.max_length, short)
+                return
+
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._warn_if_cut(prompts)
         tok = self.tokenizer(prompts, padding="max_length", truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         ids = tok["input_ids"].to(self.device)                                  # (B, L)

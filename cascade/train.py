@@ -12,11 +12,13 @@ so 1 process and 2 processes train on the same samples.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +42,12 @@ from cascade.stages import StageLoss, build_stage, sample_generators  # noqa: E4
 
 
 ds_logger.setLevel(logging.WARNING)                 # keep DeepSpeed's INFO lines off the progress bar
+log = logging.getLogger(__name__)
+CHECKPOINT_STATE = "state.json"                     # written last: a checkpoint folder without it is incomplete
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (damaged, unsafe, another model); one line."""
 
 
 def init_distributed() -> tuple[int, int]:
@@ -102,6 +110,7 @@ class EMA:
 
     def save(self, path: Path) -> None:
         save_file(self.state(), str(path), metadata={"updates": str(self.updates)})
+        chmod_default(path)
 
     def load(self, path: Path) -> None:
         from safetensors import safe_open
@@ -110,16 +119,55 @@ class EMA:
             self.updates = int(f.metadata()["updates"])
 
 
+def umask() -> int:
+    """The process's umask (read without changing it where Linux says it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_default(path: Path) -> None:
+    """The mode a plain open() would have given (safetensors writes 0600; mkdtemp makes 0700)."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())
+
+
 def export(cfg: StageConfig, state: dict, folder: Path, metrics: dict | None = None) -> Path:
     """Weights -> folder/model.safetensors, the stage config -> folder/config.yaml (and the
-    stage's held-out metrics -> folder/metrics.json). Each file is written whole, then renamed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(folder / "model.safetensors")
-    save_config(cfg, folder / "config.yaml")
-    if metrics:
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    stage's held-out metrics -> folder/metrics.json). The folder is replaced as a whole: all of
+    it is written to a temporary folder beside it, which is then renamed into its place, so the
+    config, metrics and weights always come from the same export (a kill leaves the old one or
+    the new one, never a mix, and never a metrics.json of an earlier export)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)                            # a killed export's leftovers
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    old = None
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        save_config(cfg, tmp / "config.yaml")
+        if metrics:
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        for p in (*tmp.iterdir(), tmp):
+            chmod_default(p)
+        if folder.exists() or folder.is_symlink():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():
+            old.rename(folder)                                              # put the old one back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
     return folder
 
 
@@ -182,24 +230,170 @@ def init_weights(net: torch.nn.Module, folder: str, stage: str) -> None:
     net.load_state_dict({k: state[k] for k in own})
 
 
-def latest_step(ckpt_dir: Path) -> int | None:
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    if not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"checkpoint '{tag}' named in {latest} is missing")
-    return int(tag.removeprefix("step"))
+def _safe_globals() -> list:
+    """The plain DeepSpeed classes its checkpoints hold besides tensors and containers (ZeRO's
+    loss scaler, fragment addresses, stage enum): the only objects weights-only loading may build."""
+    allowed = []
+    for module, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+                          ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+                          ("deepspeed.runtime.zero.config", ("ZeroStageEnum",))):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        allowed += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return allowed
+
+
+def weights_only_load(path, map_location=None, mmap: bool = False):
+    """torch.load(weights_only=True): PyTorch's restricted unpickler, which builds tensors,
+    containers and the classes of `_safe_globals` and refuses every other global, so a
+    checkpoint file cannot run code. Anything it refuses or cannot read is a CheckpointError."""
+    import zipfile
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])
+        unsafe = [ln.strip() for ln in msg if "Unsupported global" in ln or "GLOBAL" in ln]
+        why = (f"holds a Python object that weights-only loading refuses to build ({unsafe[0]})"
+               if unsafe else f"cannot be read ({type(e).__name__}: {msg[0][:200]})")
+        raise CheckpointError(f"{path} {why}") from None
+
+
+def checkpoint_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoints, newest first: folders stepN holding state.json (written last), and,
+    from runs before it existed, folders up to the one `latest` names."""
+    latest = None
+    try:
+        latest = int((ckpt_dir / "latest").read_text().strip().removeprefix("step"))
+    except (OSError, ValueError):
+        pass
+    tags = []
+    for p in ckpt_dir.glob("step*"):
+        n = p.name.removeprefix("step")
+        if p.is_dir() and n.isdigit() and ((p / CHECKPOINT_STATE).is_file()
+                                           or (latest is not None and int(n) <= latest)):
+            tags.append((int(n), p.name))
+    return [tag for _, tag in sorted(tags, reverse=True)]
+
+
+def check_checkpoint(folder: Path, net: torch.nn.Module) -> None:
+    """Raise CheckpointError unless folder is an intact checkpoint of this network: its state.json
+    sizes match the files, its EMA reads, DeepSpeed's files load weights-only. A checkpoint of
+    another architecture raises with `other_model = True` set on the error."""
+    from cascade.stages import read_safetensors, state_mismatch
+    state_path = folder / CHECKPOINT_STATE
+    if state_path.is_file():
+        try:
+            state = json.loads(state_path.read_text())
+            sizes = state["files"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{state_path} is damaged") from None
+        for name, size in sizes.items():
+            have = (folder / name).stat().st_size if (folder / name).is_file() else 0
+            if have != size:
+                raise CheckpointError(f"{folder / name} is missing or truncated ({have} of {size} bytes)")
+    try:
+        ema = read_safetensors(folder / "ema.safetensors")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    diff = state_mismatch(net.state_dict(), ema)
+    if diff:
+        err = CheckpointError(f"train.resume: {folder} is a checkpoint of another model ({diff}): "
+                              f"train into a new train.out_dir, or set train.resume=false to start over")
+        err.other_model = True
+        raise err
+    for f in sorted(folder.glob("*.pt")):
+        weights_only_load(f, map_location="cpu", mmap=True)
+
+
+def resume(engine, ema: EMA, net: torch.nn.Module, ckpt_dir: Path, rank: int, world: int,
+           device) -> int:
+    """Load the newest intact checkpoint (a damaged one is passed over with a warning, falling back
+    to the previous kept one) and return its step; 0 when there is none. Every DeepSpeed file is
+    read with weights_only_load: a copied or downloaded run folder cannot run code on resume."""
+    tags = checkpoint_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+    problems = []
+    for tag in tags:
+        reason, other = None, False
+        try:
+            check_checkpoint(ckpt_dir / tag, net)
+        except CheckpointError as e:
+            reason, other = str(e), getattr(e, "other_model", False)
+        if world > 1:                                    # every process resumes from the same one
+            flags = torch.tensor([reason is not None, other], dtype=torch.float32, device=device)
+            dist.all_reduce(flags)
+            if flags[0] > 0 and reason is None:
+                reason = "not intact on another process"
+            other = other or bool(flags[1] > 0)
+        if other:
+            raise CheckpointError(reason if reason else f"train.resume: {ckpt_dir / tag} is a "
+                                  f"checkpoint of another model")
+        if reason is None:
+            loader = engine.checkpoint_engine.load
+            engine.checkpoint_engine.load = weights_only_load           # never weights_only=False
+            try:
+                path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            finally:
+                engine.checkpoint_engine.load = loader
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load the checkpoint {ckpt_dir / tag}")
+            step = int(client["step"])
+            ema.load(ckpt_dir / tag / "ema.safetensors")
+            if problems and rank == 0:
+                print(f"warning: resumed from an older checkpoint than the newest "
+                      f"({'; '.join(problems)})")
+            return step
+        problems.append(f"{tag}: {reason}")
+        if rank == 0:
+            log.warning("checkpoint %s cannot be used (%s); trying the previous one", ckpt_dir / tag, reason)
+    if problems:
+        raise CheckpointError(f"train.resume: no usable checkpoint in {ckpt_dir} ({problems[0]}"
+                              f"{f'; and {len(problems) - 1} more' if len(problems) > 1 else ''}): "
+                              f"set train.resume=false to start over")
+    return 0
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """Drop log.csv rows past `last_step` (steps after the checkpoint a run resumes from, which it
+    trains again) and a row a kill cut short; rewritten whole, then renamed."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    col = header.index("step") if "step" in header else 0
+    keep = [r for r in body if len(r) == len(header) and r[col].isdigit() and int(r[col]) <= last_step]
+    if len(keep) == len(body):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *keep])
+    tmp.replace(path)
 
 
 def train(cfg: StageConfig, progress: bool = True) -> Path:
-    """Train one stage to cfg.train.steps; returns the export folder of its EMA weights."""
+    """Train one stage to cfg.train.steps; returns the export folder of its EMA weights.
+
+    What a failure leaves: the run's config.yaml is written only once a training step has run
+    (a run that fails while starting leaves the folder as it was), log.csv is cut back to the
+    checkpoint a resumed run starts from, and the export folder is replaced whole at the end."""
     rank, world = init_distributed()
     t = cfg.train
     out = Path(t.out_dir)
     ckpt_dir = out / "checkpoints"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    dataset = build_dataset(cfg.data)                  # first: a bad data folder fails in a second
+    if cfg.stage == "vae" and cfg.data.kind == "folder":
+        build_dataset(cfg.data, split="val")           # the held-out clips of finalize, checked now
+    skipped = len(getattr(dataset, "skipped", ()))
+    if rank == 0 and skipped:
+        print(f"data: {dataset.summary()}")
     torch.manual_seed(t.seed)                                            # same init on every rank
     stage = build_stage(cfg, device)
     net = stage.net.to(device)
@@ -216,21 +410,16 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
                                                  lr_scheduler=sched, config=ds_config(cfg, world))
     ema = EMA(net, t.ema_decay, t.ema_warmup)
 
-    start = 0
-    if t.resume and latest_step(ckpt_dir) is not None:
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        start = client["step"]
-        ema.load(ckpt_dir / f"step{start}" / "ema.safetensors")
-        if rank == 0:
-            print(f"resumed from {ckpt_dir}/step{start}")
+    start = resume(engine, ema, net, ckpt_dir, rank, world, device) if t.resume else 0
+    if start and rank == 0:
+        print(f"resumed from {ckpt_dir}/step{start}")
+    log_path = out / "log.csv"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        trim_log(log_path, start)                      # the steps past the checkpoint run again
 
-    dataset = build_dataset(cfg.data)
     loader = DataLoader(dataset, batch_sampler=StepSampler(cfg, start, rank, world), collate_fn=collate,
                         num_workers=t.num_workers)
-    log_path = out / "log.csv"
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and rank == 0),
                desc=f"train {cfg.stage}", dynamic_ncols=True)
     batches = iter(loader)
@@ -255,19 +444,24 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
             dist.all_reduce(vec)
             totals = dict(zip(totals, (vec / world).tolist()))
         if not math.isfinite(totals["loss"]):
-            raise FloatingPointError(f"loss became {totals['loss']} at step {step + 1}")
+            tags = checkpoint_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+            kept = f"the checkpoint {ckpt_dir / tags[0]} is kept" if tags else "no checkpoint was written"
+            raise FloatingPointError(f"the loss became {totals['loss']} at step {step + 1} ({kept}; "
+                                     f"a lower train.lr or train.grad_clip may help)")
         elapsed = time.perf_counter() - tic
         tic = time.perf_counter()
         row = {"step": step + 1, **totals, "lr": sched.get_last_lr()[0],
                "samples_per_s": global_batch / max(elapsed, 1e-9)}
         if rank == 0:
+            if step == start:                          # a step ran: this config is the run's now
+                save_config(cfg, out / "config.yaml")
             write_log_row(log_path, row)
             if (step + 1) % t.log_every == 0 or step == start:
                 bar.set_postfix(loss=f"{totals['loss']:.4f}", it_s=f"{1 / max(elapsed, 1e-9):.2f}",
                                 samples_s=f"{row['samples_per_s']:.1f}")
         bar.update(1)
         if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
-            save_checkpoint(engine, ema, ckpt_dir, step + 1, rank, t.keep_ckpts)
+            save_checkpoint(engine, ema, ckpt_dir, step + 1, rank, t.keep_ckpts, cfg)
     bar.close()
     export_dir = out / "export"
     if rank == 0:
@@ -275,6 +469,8 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
         if hasattr(stage, "finalize"):             # e.g. the VAE's latent scale and held-out PSNR
             state, metrics = stage.finalize(state)
         export(cfg, state, export_dir, metrics)
+        if len(getattr(dataset, "skipped", ())) > skipped:            # more found while training
+            print(f"data: {dataset.summary()} (by this process)")
         print(f"exported EMA weights to {export_dir}" +
               "".join(f"; {k} {v:.4g}" for k, v in metrics.items()))
     if world > 1:
@@ -291,18 +487,44 @@ def write_log_row(path: Path, row: dict) -> None:
         w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
 
 
-def save_checkpoint(engine, ema: EMA, ckpt_dir: Path, step: int, rank: int, keep: int) -> None:
-    """DeepSpeed checkpoint (model, optimizer, scheduler, step) + the EMA beside it. The `latest`
-    pointer moves only after both are written, so a kill mid-save leaves the previous one usable."""
+def save_checkpoint(engine, ema: EMA, ckpt_dir: Path, step: int, rank: int, keep: int,
+                    cfg: StageConfig | None = None) -> None:
+    """DeepSpeed checkpoint (model, optimizer, scheduler, step) + the EMA and the stage config
+    beside it, then state.json (the step and every file's size: a truncated file is found without
+    reading it). The `latest` pointer moves only after all of it is written, so a kill mid-save
+    leaves the previous one usable. A write that fails (a full disk) removes the partial folder
+    and raises a one-line OSError; the previous checkpoints are kept."""
     tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    folder = ckpt_dir / tag
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        if dist.is_initialized():
+            dist.barrier()                             # every process's files are written
+        if rank == 0:
+            ema.save(folder / "ema.safetensors")
+            if cfg is not None:
+                save_config(cfg, folder / "config.yaml")
+            files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+            tmp = folder / f".{CHECKPOINT_STATE}.tmp"
+            tmp.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+            tmp.replace(folder / CHECKPOINT_STATE)
+            tmp = ckpt_dir / "latest.tmp"
+            tmp.write_text(tag)
+            tmp.replace(ckpt_dir / "latest")
+    except (OSError, RuntimeError) as e:
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        try:
+            free = f"; {shutil.disk_usage(ckpt_dir).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = ""
+        code = getattr(e, "errno", None) or errno.EIO
+        raise OSError(code, f"cannot write the checkpoint {folder} ({msg}{free}); the previous "
+                            f"checkpoints are kept") from None
     if rank == 0:
-        ema.save(ckpt_dir / tag / "ema.safetensors")
-        tmp = ckpt_dir / "latest.tmp"
-        tmp.write_text(tag)
-        tmp.replace(ckpt_dir / "latest")
-        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()),
-                      key=lambda p: int(p.name.removeprefix("step")))
+        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name[4:].isdigit()),
+                      key=lambda p: int(p.name[4:]))
         for old in tags[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():

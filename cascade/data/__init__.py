@@ -16,7 +16,9 @@ HELDOUT_SEED_OFFSET = 1_000_003   # the synthetic held-out split draws from a di
 
 
 def build_dataset(data_cfg: DataConfig, split: str = "train"):
-    """DataConfig -> data set. split="val": synthetic uses seed + 1_000_003; a folder is the same set."""
+    """DataConfig -> data set. split="val": synthetic uses seed + 1_000_003; a folder gives its
+    held-out videos (data.val_manifest, else the data.val_fraction of the manifest's rows that
+    split="train" leaves out), never its training clips."""
     if split not in SPLITS:
         raise ValueError(f"split: '{split}' is not one of {', '.join(SPLITS)}")
     d = data_cfg
@@ -27,7 +29,11 @@ def build_dataset(data_cfg: DataConfig, split: str = "train"):
         for key in ("root", "manifest"):
             if not getattr(d, key):
                 raise ConfigError(f"data.{key}: needed when data.kind=folder")
-        return VideoFolder(d.root, d.manifest, d.frames, d.height, d.width, fps=d.fps, seed=d.seed)
+        common = dict(frames=d.frames, height=d.height, width=d.width, fps=d.fps, seed=d.seed)
+        if d.val_manifest:                         # held-out videos listed apart: train on all
+            manifest = d.val_manifest if split == "val" else d.manifest
+            return VideoFolder(d.root, manifest, **common)
+        return VideoFolder(d.root, d.manifest, split=split, val_fraction=d.val_fraction, **common)
     raise ConfigError(f"data.kind: '{d.kind}' is not one of synthetic, folder")
 
 

@@ -7,16 +7,29 @@ The clip's start is drawn from (seed, index), so a sample is the same in any pro
 past the end wraps around the manifest with a fresh start, so an index stream that keeps
 growing (train.py's global sample indices) sees new windows of each video on every pass.
 
-Bad files never stop training: a missing, unreadable or corrupt file (or an entry with an empty
-caption) is skipped, recorded in `dataset.skipped` (per process), logged once as a warning, and
-the next entry is used instead. A video shorter than the clip is padded by repeating its last
-frame. Only when no entry at all can be read does `__getitem__` raise.
+Bad files never stop training: at construction every entry is checked (a caption that is a
+non-empty string, a path inside `root`, a file that opens and decodes a frame); the ones that fail
+are left out of the index (so their samples spread over the good files, not onto their
+neighbours), recorded in `dataset.skipped` as (row, reason), logged one line each, and counted
+in `dataset.summary()`. A manifest path that is absolute or leaves `root` through '..' is refused
+(ValueError naming the row): a manifest never opens files outside its folder. A file that passed
+the check but fails to decode later is skipped the same way at run time and its sample is drawn
+from another good file (chosen by (seed, index), not the next row). A video shorter than the clip
+is padded by repeating its last frame. When no entry can be read the constructor raises a
+one-line ValueError naming the manifest.
+
+Splits: `split="train"` leaves out the held-out rows, `split="val"` has only them (a share
+`val_fraction` of the usable rows, at least one, picked by a hash of their paths, so the split is
+the same in every process and does not move when rows are reordered); `split="all"` has every row.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import math
+import os
 from pathlib import Path
 
 import av
@@ -30,7 +43,9 @@ COLUMNS = ("path", "caption")
 
 
 def read_manifest(path: str | Path) -> list[dict]:
-    """CSV (header with path, caption) or JSONL ({"path": ..., "caption": ...} per line) -> rows."""
+    """CSV (header with path, caption) or JSONL ({"path": ..., "caption": ...} per line) -> rows
+    {"path": str, "caption": str | None, "row": "<manifest>:<line>"}. A caption that is not a
+    string (JSON null, a number, a list) is None: the row has no caption (skipped, not "None")."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -43,7 +58,9 @@ def read_manifest(path: str | Path) -> list[dict]:
             if missing:
                 raise ValueError(f"manifest {path}: missing column(s) {', '.join(missing)} "
                                  f"(the header needs {', '.join(COLUMNS)})")
-            rows = [{"path": r["path"] or "", "caption": r["caption"] or ""} for r in reader]
+            for r in reader:
+                rows.append({"path": r["path"] or "", "caption": r["caption"] or None,
+                             "row": f"{path.name}:{reader.line_num}"})
     elif suffix in (".jsonl", ".ndjson"):
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -56,12 +73,49 @@ def read_manifest(path: str | Path) -> list[dict]:
                 missing = [c for c in COLUMNS if not isinstance(obj, dict) or c not in obj]
                 if missing:
                     raise ValueError(f"manifest {path}:{lineno}: missing key(s) {', '.join(missing)}")
-                rows.append({"path": str(obj["path"]), "caption": str(obj["caption"])})
+                if not isinstance(obj["path"], str):
+                    raise ValueError(f"manifest {path}:{lineno}: path must be a string, got "
+                                     f"{json.dumps(obj['path'])}")
+                caption = obj["caption"] if isinstance(obj["caption"], str) else None
+                rows.append({"path": obj["path"], "caption": caption, "row": f"{path.name}:{lineno}"})
     else:
         raise ValueError(f"manifest {path}: must be .csv or .jsonl")
     if not rows:
         raise ValueError(f"manifest {path}: no entries")
     return rows
+
+
+def check_inside(root: Path, rel: str, row: str) -> Path:
+    """root / rel, refusing a path that is absolute or leaves root through '..' (ValueError
+    naming the manifest row). Checked on the path as written: links inside root are the user's."""
+    if not rel:
+        raise ValueError(f"manifest {row}: empty path")
+    p = Path(rel)
+    norm = os.path.normpath(rel)
+    if p.is_absolute() or p.drive or norm == ".." or norm.startswith(".." + os.sep):
+        raise ValueError(f"manifest {row}: path '{rel}' is outside data.root {root} (absolute "
+                         f"paths and '..' are refused: list the videos relative to data.root)")
+    return root / p
+
+
+def heldout_rows(paths: list[str], fraction: float) -> set[int]:
+    """Indices of the held-out rows: the ceil(fraction * n) rows (at least 1 when fraction > 0)
+    whose sha1(path) is smallest. Empty when fraction is 0 or fewer than 2 rows are given."""
+    if fraction <= 0 or len(paths) < 2:
+        return set()
+    k = min(len(paths) - 1, max(1, math.ceil(fraction * len(paths))))
+    order = sorted(range(len(paths)), key=lambda i: hashlib.sha1(paths[i].encode()).hexdigest())
+    return set(order[:k])
+
+
+def probe_video(path: Path) -> None:
+    """Raise if the file has no video stream or no frame decodes (the construction-time check)."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        for _ in container.decode(container.streams.video[0]):
+            return
+    raise ValueError("no frames decoded")
 
 
 def _first_line(e: BaseException) -> str:
@@ -145,47 +199,90 @@ class VideoFolder(Dataset):
     """Text-video pairs from files listed in a manifest (CSV or JSONL, paths relative to root)."""
 
     def __init__(self, root: str | Path, manifest: str | Path, frames: int, height: int, width: int,
-                 fps: float = 8.0, seed: int = 0):
+                 fps: float = 8.0, seed: int = 0, split: str = "all", val_fraction: float = 0.0):
+        if split not in ("all", "train", "val"):
+            raise ValueError(f"split: '{split}' is not one of all, train, val")
         self.root = Path(root)
         manifest = Path(manifest)
         if not manifest.is_absolute() and not manifest.is_file() and (self.root / manifest).is_file():
             manifest = self.root / manifest                                 # relative to root
         self.manifest = manifest
-        self.entries = read_manifest(manifest)
         self.frames, self.height, self.width, self.fps, self.seed = frames, height, width, fps, seed
-        self.skipped: list[str] = []       # paths skipped in this process, in order found
+        self.split = split
+        self.skipped: list[tuple[str, str]] = []   # (row, reason) of every row left out, in order
+        rows = read_manifest(manifest)
+        self.rows = len(rows)
+        usable = []                                # cheap checks first: caption, place, existence
+        for r in rows:
+            path = check_inside(self.root, r["path"], r["row"])
+            if r["caption"] is None or not r["caption"].strip():
+                self._skip(r, path, "no caption")
+            elif not path.is_file():
+                self._skip(r, path, "file not found")
+            else:
+                usable.append({**r, "path": path})
+        held = heldout_rows([str(r["path"].relative_to(self.root)) for r in usable], val_fraction)
+        if split == "val" and not held:
+            raise ValueError(f"manifest {manifest}: no held-out videos ({len(usable)} usable, "
+                             f"data.val_fraction={val_fraction}): set data.val_manifest to a "
+                             f"manifest of other videos, or data.val_fraction > 0 with at least 2 "
+                             f"videos (held-out metrics are never measured on training clips)")
+        if split != "all":                         # train without a hold-out possible: every row
+            usable = [r for i, r in enumerate(usable) if (i in held) == (split == "val")]
+        self.entries = []
+        for r in usable:                           # then every file must open and decode a frame
+            try:
+                probe_video(r["path"])
+            except Exception as e:                                          # corrupt: never raise
+                self._skip(r, r["path"], _first_line(e))
+                continue
+            self.entries.append(r)
         self._bad: set[int] = set()
+        if not self.entries:
+            what = f"the {split} split of " if split != "all" else ""
+            raise ValueError(f"data: none of {what}the {self.rows} videos listed in {manifest} can "
+                             f"be read ({self.summary()}; see the warnings above)")
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _skip(self, j: int, path: Path, reason: str) -> None:
-        self._bad.add(j)
-        self.skipped.append(str(path))
-        log.warning("skipping video %s: %s", path, reason)
+    def summary(self) -> str:
+        """'N of M rows skipped (k no caption, ...)' or '' when none was."""
+        if not self.skipped:
+            return ""
+        reasons = dict.fromkeys(("no caption", "file not found", "unreadable"), 0)
+        for _, why in self.skipped:
+            key = why if why in ("no caption", "file not found") else "unreadable"
+            reasons[key] = reasons.get(key, 0) + 1
+        detail = ", ".join(f"{n} {k}" for k, n in reasons.items() if n)
+        return f"{len(self.skipped)} of {self.rows} manifest rows skipped ({detail})"
+
+    def _skip(self, row: dict, path: Path, reason: str) -> None:
+        self.skipped.append((row["row"], reason))
+        log.warning("skipping video %s (%s): %s", path, row["row"], reason)
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.entries)
         index = int(index) % n if index < 0 else int(index)
-        u = float(np.random.default_rng((self.seed, index)).random())
-        for k in range(n):
-            j = (index + k) % n
-            if j in self._bad:
-                continue
-            entry = self.entries[j]
-            path = self.root / entry["path"]
-            if not entry["caption"].strip():
-                self._skip(j, path, "empty caption")
-                continue
-            if not path.is_file():
-                self._skip(j, path, "file not found")
-                continue
-            try:
-                clip, info = decode_clip(path, self.frames, self.fps, self.height, self.width, u)
-            except Exception as e:                                          # corrupt: never raise
-                self._skip(j, path, _first_line(e))
-                continue
-            video = torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W)
-            return {"video": video, "caption": entry["caption"], "meta": {"path": str(path), **info}}
+        rng = np.random.default_rng((self.seed, index))
+        u = float(rng.random())
+        j = index % n
+        for _ in range(n):
+            if j not in self._bad:
+                entry = self.entries[j]
+                try:
+                    clip, info = decode_clip(entry["path"], self.frames, self.fps, self.height,
+                                             self.width, u)
+                except Exception as e:                                      # corrupt: never raise
+                    self._bad.add(j)
+                    self._skip(entry, entry["path"], _first_line(e))
+                else:
+                    video = torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W)
+                    return {"video": video, "caption": entry["caption"],
+                            "meta": {"path": str(entry["path"]), **info}}
+            good = [k for k in range(n) if k not in self._bad]
+            if not good:
+                break
+            j = good[int(rng.integers(len(good)))]      # another good file, by (seed, index)
         raise RuntimeError(f"VideoFolder: none of the {n} videos listed in {self.manifest} can be "
                            f"read (see the warnings above)")

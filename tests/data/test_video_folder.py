@@ -40,16 +40,17 @@ def folder(tmp_path):
 
 @pytest.mark.parametrize("manifest", ["m.jsonl", "m.csv"])
 def test_samples_and_skips(folder, manifest, caplog):
-    ds = VideoFolder(folder, folder / manifest, frames=4, height=16, width=16, fps=8, seed=0)
-    assert len(ds) == 4
     with caplog.at_level(logging.WARNING):
+        ds = VideoFolder(folder, folder / manifest, frames=4, height=16, width=16, fps=8, seed=0)
         samples = [ds[i] for i in range(8)]                                # never raises
+    assert len(ds) == 2                                                     # the bad rows leave the index
     for s in samples:
         assert s["video"].shape == (3, 4, 16, 16)
         assert s["video"].min() >= -1 and s["video"].max() <= 1
         assert s["caption"] in ("a bright ramp", "a short ramp")
-    assert samples[1]["caption"] == "a short ramp"                          # 1, 2 -> skipped to 3
-    assert sorted(ds.skipped) == sorted([str(folder / "corrupt.mp4"), str(folder / "missing.mp4")])
+    assert [s["caption"] for s in samples] == ["a bright ramp", "a short ramp"] * 4
+    assert sorted(r for r, _ in ds.skipped) == [f"{manifest}:{k + (manifest == 'm.csv')}" for k in (2, 3)]
+    assert ds.summary() == "2 of 4 manifest rows skipped (1 file not found, 1 unreadable)"
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 2 and any("corrupt.mp4" in w for w in warned)
     assert all("\n" not in w for w in warned)
@@ -92,9 +93,8 @@ def test_resize_shorter_side_and_centre_crop(tmp_path):
 def test_all_bad_raises_one_clear_error(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"junk" * 100)
     (tmp_path / "m.jsonl").write_text('{"path": "bad.mp4", "caption": "x"}\n{"path": "gone.mp4", "caption": "y"}\n')
-    ds = VideoFolder(tmp_path, tmp_path / "m.jsonl", frames=2, height=8, width=8, fps=8)
-    with pytest.raises(RuntimeError, match="none of the 2 videos"):
-        ds[0]
+    with pytest.raises(ValueError, match="none of the 2 videos"):
+        VideoFolder(tmp_path, tmp_path / "m.jsonl", frames=2, height=8, width=8, fps=8)
 
 
 def test_manifest_errors(tmp_path):
@@ -109,7 +109,8 @@ def test_manifest_errors(tmp_path):
 
 
 def test_build_dataset_folder(folder):
-    cfg = DataConfig(kind="folder", root=str(folder), manifest="m.csv", frames=4, height=16, width=16)
+    cfg = DataConfig(kind="folder", root=str(folder), manifest="m.csv", frames=4, height=16, width=16,
+                     val_fraction=0.0)
     ds = build_dataset(cfg)
     assert isinstance(ds, VideoFolder)
     batch = collate([ds[0], ds[3]])
