@@ -132,7 +132,10 @@ def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _randn(shape, like: torch.Tensor, generator=None) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device (reproducible), moved to `like`'s."""
+    """Standard normal noise drawn on the generator's device (reproducible), moved to `like`'s.
+    generator: a torch.Generator, None, or per-row generators (`seeding.RowGenerators`)."""
+    if hasattr(generator, "randn"):
+        return generator.randn(shape, like.dtype).to(like.device)
     dev = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
 

@@ -31,6 +31,9 @@ from cascade.data.synthetic import (BACKGROUNDS, COLOURS, MIN_CONTRAST, SHAPES, 
                                     shape_sdf)
 
 FACTORS = ("colour", "shape", "motion", "background")
+# what a viewer sees beside the prompt's factors: exactly one object in every frame (no split, no
+# second copy, no fade-out), and a smooth track (`analyse`)
+PERMANENCE = ("one_object",)
 
 # ----------------------------------------------------------------------------- the analyser
 
@@ -79,6 +82,30 @@ def _blurs(image: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+# A separate object is a 4-connected region of object-coloured pixels (farther than MIN_CONTRAST/2
+# from the background) whose area is at least this fraction of the smallest object the domain
+# draws (the smallest shape at SIZE_RANGE[0]); smaller specks are noise, not objects.
+MIN_OBJECT_FRACTION = 0.2
+
+
+def min_object_area(height: int, width: int) -> float:
+    """Pixels a region must cover to count as an object in a height x width frame."""
+    r = SIZE_RANGE[0] * min(height, width)
+    return MIN_OBJECT_FRACTION * min(shape_area(s) for s in SHAPES) * r * r
+
+
+def count_objects(mask: torch.Tensor, min_area: float) -> torch.Tensor:
+    """mask (T, H, W) bool -> (T,) the number of 4-connected regions of at least min_area pixels
+    in each frame (scipy.ndimage.label per frame)."""
+    from scipy import ndimage
+    counts = []
+    for frame in mask.numpy():
+        labels, n = ndimage.label(frame)                       # 4-connectivity (the default)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        counts.append(int((sizes >= min_area).sum()))
+    return torch.tensor(counts)
+
+
 def analyse(video: torch.Tensor, time_scale: float = 1.0) -> dict:
     """Read one synthetic-domain video: video (3, T, H, W) in [-1, 1] -> dict with the named
     factors colour, shape, motion, background (None where no object was found) and the numbers
@@ -95,7 +122,12 @@ def analyse(video: torch.Tensor, time_scale: float = 1.0) -> dict:
     3. motion: the coverage-weighted centroid per frame, a least-squares line through it over
        time; the displacement over the clip (fraction of the image side) below
        `still_threshold` is "standing still", else the larger axis and its sign name the direction.
-    4. shape: per frame, each shape's template is rendered with the domain's own distance field at
+    4. permanence: per frame, the number of separate objects (`count_objects`: connected regions
+       of object pixels above `min_object_area`); one_object is True when every frame has exactly
+       one. track_jitter: the RMS distance of the per-frame centroids from the motion's fitted
+       line, as a fraction of the image side (0 for a rendered clip, which moves at constant
+       velocity; a jumping or wobbling object scores high).
+    5. shape: per frame, each shape's template is rendered with the domain's own distance field at
        the object's centroid, sized so its area equals the object's (`shape_area`), and compared
        with the coverage map by soft IoU (sum min / sum max), the template also blurred at each of
        BLUR_SIGMAS (the best blur counts: decoded and upsampled frames have soft edges); the best
@@ -110,6 +142,8 @@ def analyse(video: torch.Tensor, time_scale: float = 1.0) -> dict:
            "colour": None, "shape": None, "motion": None}
     dist = (x - bg.view(3, 1, 1, 1)).norm(dim=0)                                     # (T, H, W)
     rough = dist > MIN_CONTRAST / 2
+    objects = count_objects(rough, min_object_area(H, W))                            # (T,)
+    out.update(objects=objects.tolist(), one_object=bool((objects == 1).all()), track_jitter=None)
     if not rough.any():
         return out
     core = rough & (dist >= 0.75 * dist[rough].quantile(0.9))
@@ -132,6 +166,9 @@ def analyse(video: torch.Tensor, time_scale: float = 1.0) -> dict:
         tc = t - t.mean()
         vx = float((tc * cx[seen]).sum() / tc.square().sum())                        # pixels per data frame
         vy = float((tc * cy[seen]).sum() / tc.square().sum())
+        rx = cx[seen] - cx[seen].mean() - vx * tc                                    # off the line, pixels
+        ry = cy[seen] - cy[seen].mean() - vy * tc
+        out["track_jitter"] = float(((rx / W).square() + (ry / H).square()).mean().sqrt())
     else:
         vx = vy = 0.0
     dx, dy = vx * (frames - 1) / W, vy * (frames - 1) / H                            # fractions of the side
@@ -162,9 +199,11 @@ def analyse(video: torch.Tensor, time_scale: float = 1.0) -> dict:
 
 
 def adherence(video: torch.Tensor, prompt: str, time_scale: float = 1.0) -> dict:
-    """analyse() one video and compare with its prompt -> {factor: bool} + the analysis."""
+    """analyse() one video and compare with its prompt -> {factor: bool, one_object: bool} + the
+    analysis."""
     want, got = parse_caption(prompt), analyse(video, time_scale)
-    return {**{f: got[f] == want[f] for f in FACTORS}, "analysis": got}
+    return {**{f: got[f] == want[f] for f in FACTORS}, "one_object": got["one_object"],
+            "analysis": got}
 
 
 # ----------------------------------------------------------------------------- ground truth, consistency
@@ -239,17 +278,21 @@ def frame_lpips(model, videos: torch.Tensor, pairs: int = LPIPS_PAIRS) -> torch.
 def score_videos(name: str, videos: torch.Tensor, prompts: list[str], time_scale: float, lp,
                  seed: int = 0, truths: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
     """One table row for videos (N, 3, T, H, W) of `prompts`: the fraction of videos whose colour,
-    shape, motion, background (and all four) match the prompt, and the temporal statistics, each
-    also as the ratio to ground-truth clips of the same prompts (`truth_clip`, same T, H, W and
-    time_scale; pass `truths` to reuse them). Returns (row, per-video analyses)."""
+    shape, motion, background (and all four) match the prompt, the fraction with exactly one
+    object in every frame (one_object; "all" needs it too), the mean track jitter (fraction of the
+    side, over videos with an object), and the temporal statistics, each also as the ratio to
+    ground-truth clips of the same prompts (`truth_clip`, same T, H, W and time_scale; pass
+    `truths` to reuse them). Returns (row, per-video analyses)."""
     N, _, T, H, W = videos.shape
     if truths is None:
         truths = truth_clips(prompts, T, H, W, time_scale, seed)
     checks = [adherence(v, p, time_scale) for v, p in zip(videos, prompts)]
     row = {"variant": name, "frames": T, "size": f"{H}x{W}"}
-    for f in FACTORS:
+    for f in FACTORS + PERMANENCE:
         row[f] = sum(c[f] for c in checks) / N
-    row["all"] = sum(all(c[f] for f in FACTORS) for c in checks) / N
+    row["all"] = sum(all(c[f] for f in FACTORS + PERMANENCE) for c in checks) / N
+    jitter = [c["analysis"]["track_jitter"] for c in checks if c["analysis"]["track_jitter"] is not None]
+    row["track_jitter"] = sum(jitter) / len(jitter) if jitter else float("nan")
     diff, true_diff = frame_diff(videos), frame_diff(truths)
     row["frame_diff"] = float(diff.mean())
     row["frame_diff_ratio"] = float(diff.mean() / true_diff.mean())
@@ -257,7 +300,7 @@ def score_videos(name: str, videos: torch.Tensor, prompts: list[str], time_scale
         lpd, true_lpd = frame_lpips(lp, videos), frame_lpips(lp, truths)
         row["frame_lpips"] = float(lpd.mean())
         row["frame_lpips_ratio"] = float(lpd.mean() / true_lpd.mean())
-    per_video = [{"prompt": p, **{f: c[f] for f in FACTORS}, "analysis": _plain(c["analysis"]),
+    per_video = [{"prompt": p, **{f: c[f] for f in FACTORS + PERMANENCE}, "analysis": _plain(c["analysis"]),
                   "frame_diff": float(d)} for p, c, d in zip(prompts, checks, diff)]
     return row, per_video
 
@@ -286,15 +329,16 @@ def generate_variants(pipe, prompts: list[str], seed: int, sampling: dict, batch
     Each stage draws from its own generator seeded from the call's seed (see Pipeline), so the
     base keyframes and the interp output of one full run ARE the "keyframes only" and "no sr"
     videos: one run gives full, no sr and keyframes only; "no interp" (sr on the keyframes) takes
-    a second run with interp_passes=0. Prompts go in batches of batch_size, batch i with seed + i.
+    a second run with interp_passes=0. Prompts go in batches of batch_size (each video's noise
+    keyed by (seed, its prompt): `Pipeline`).
     Variants exist only where the folder has the stages: no interp / no sr need both interp and
     sr; keyframes only needs one of them (else it is the full cascade)."""
     has_i, has_s = pipe.interp is not None, pipe.sr is not None
     parts: dict[str, list] = {}
     scale: dict[str, float] = {}
     for i in range(0, len(prompts), batch_size):
-        chunk, s = prompts[i:i + batch_size], seed + i // batch_size
-        res = pipe(chunk, seed=s, **sampling, progress=False)
+        chunk, s = prompts[i:i + batch_size], seed
+        res = pipe(chunk, seed=s, **sampling, batch_size=batch_size, progress=False)
         got = {"full": (res.video, res.fps)}
         if has_i and has_s:
             got["no sr"] = (res.stages["lowres"], res.stage_fps["lowres"])
@@ -303,7 +347,8 @@ def generate_variants(pipe, prompts: list[str], seed: int, sampling: dict, batch
         if bar is not None:
             bar.update()
         if has_i and has_s:
-            res2 = pipe(chunk, seed=s, **sampling, interp_passes=0, progress=False)
+            res2 = pipe(chunk, seed=s, **sampling, interp_passes=0, batch_size=batch_size,
+                        progress=False)
             got["no interp"] = (res2.video, res2.fps)
             if bar is not None:
                 bar.update()
@@ -456,8 +501,8 @@ def _stage_chain(variant: str, has_i: bool, has_s: bool) -> str:
 
 # ----------------------------------------------------------------------------- output
 
-COLUMNS = ("variant", "stages", "frames", "size", *FACTORS, "all", "frame_diff", "frame_diff_ratio",
-           "frame_lpips", "frame_lpips_ratio")
+COLUMNS = ("variant", "stages", "frames", "size", *FACTORS, *PERMANENCE, "all", "track_jitter",
+           "frame_diff", "frame_diff_ratio", "frame_lpips", "frame_lpips_ratio")
 
 
 def _fmt(v) -> str:
@@ -472,7 +517,9 @@ def markdown(report: EvalReport) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in report.rows]
     lines.append("")
-    lines.append(f"Accuracies are fractions of {report.info['num_prompts']} prompts; frame_diff: mean "
+    lines.append(f"Accuracies are fractions of {report.info['num_prompts']} prompts; one_object: exactly "
+                 f"one object in every frame (\"all\" needs it and the four factors); track_jitter: "
+                 f"RMS of the centroids off their fitted line, fraction of the side; frame_diff: mean "
                  f"|frame t+1 - frame t| in [0, 1] units; *_ratio: over ground-truth clips of the same "
                  f"prompts. LPIPS: {report.info['lpips']}.")
     if report.stages:
@@ -491,7 +538,7 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = (*FACTORS, "all")
+    metrics = (*FACTORS, *PERMANENCE, "all")
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
     width = 0.8 / len(rows)
     for j, r in enumerate(rows):

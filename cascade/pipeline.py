@@ -22,6 +22,7 @@ import torch
 
 from cascade.config import ConfigError
 from cascade.heap import malloc_trim
+from cascade.seeding import RowGenerators
 from cascade.stages import interp_condition, keyframe_count, keyframe_lerp, load_export, load_vae
 
 STAGE_NAMES = ("vae", "base", "interp", "sr")
@@ -293,7 +294,7 @@ class Pipeline:
                  guidance: float | None = None, sampler: str | None = None, num_videos: int = 1, *,
                  base: StageSampling | dict | None = None, interp: StageSampling | dict | None = None,
                  sr: StageSampling | dict | None = None, interp_passes: int | None = None,
-                 frames: int | None = None, progress: bool = True) -> Result:
+                 frames: int | None = None, batch_size: int = 1, progress: bool = True) -> Result:
         """Sample `num_videos` videos per prompt: text -> base -> interp -> VAE decode -> sr.
 
         steps / guidance / sampler apply to every diffusion stage; `base`, `interp`, `sr`
@@ -324,8 +325,14 @@ class Pipeline:
         and sampled in overlapping temporal windows of sr.window frames (sr.overlap shared,
         cross-faded by `windowed`), a fixed noise video sliced per window.
 
-        Randomness: each stage draws from its own CPU generator seeded from `seed`, so a seed
-        gives the same base keyframes with or without the later stages."""
+        Randomness: every video draws from its own CPU generators, one per stage (base, each
+        interp pass, sr), seeded from (seed, its prompt, its index among that prompt's
+        num_videos, the stage) (`seeding.RowGenerators`): a video does not depend on the other
+        prompts of the call nor on its position among them, and a seed gives the same base
+        keyframes with or without the later stages. batch_size: videos sampled together. At 1
+        (the default) a video's bytes are the same in any call; larger batches run faster on
+        many videos and differ from it by float rounding only (GEMMs of other sizes: about 1e-5
+        in [-1, 1], measured on the tiny cascade)."""
         from tqdm.auto import tqdm
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         for p in prompts:
@@ -346,36 +353,56 @@ class Pipeline:
         kb = d.frames if frames is None else self.keyframes_for(frames, passes)
         if passes:
             keyframe_groups(kb, self.interp_keyframes)               # fail before sampling
-        prompts = [p for p in prompts for _ in range(num_videos)]
-        B = len(prompts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        videos = [(p, k) for p in prompts for k in range(num_videos)]  # (prompt, its video index)
+        chunks = [videos[i:i + batch_size] for i in range(0, len(videos), batch_size)]
         meter = PeakMemory(self.device)
-        out: dict[str, torch.Tensor] = {}
-        bar = tqdm(total=2 + passes + (self.sr is not None), desc="cascade",
+        bar = tqdm(total=len(chunks) * (2 + passes + (self.sr is not None)), desc="cascade",
                    disable=not progress, leave=False)
 
         def step(name):
             bar.set_postfix_str(name)
             return meter(name)
 
+        parts = [self._run(chunk, seed, kb, passes, sampling, step, bar, progress) for chunk in chunks]
+        bar.close()
+        stages = {k: torch.cat([part[k] for part in parts]).float().cpu() for k in parts[0]}
+        fps = self.fps * (self.interp.cfg.interp.rate ** passes if passes else 1)
+        stage_fps = {k: fps for k in stages}
+        stage_fps["keyframes"] = stage_fps["keyframes_latent"] = self.fps
+        return Result(video=stages["final"], prompts=[p for p, _ in videos], stages=stages,
+                      timings=meter.timings, memory=meter.memory, memory_kind=meter.kind, fps=fps,
+                      stage_fps=stage_fps)
+
+    def _run(self, videos: list[tuple], seed: int, kb: int, passes: int, sampling: dict, step, bar,
+             progress: bool) -> dict:
+        """The cascade on one batch of videos [(prompt, index)] -> {stage output name: tensor}
+        (see Result.stages); step(name) meters a stage, bar counts them."""
+        prompts = [p for p, _ in videos]
+        B, d = len(prompts), self.base_cfg.dit
+
+        def streams(purpose: str) -> RowGenerators:                 # one stream per video and purpose
+            return RowGenerators.keyed([(seed, p, k, purpose) for p, k in videos])
+
+        out: dict[str, torch.Tensor] = {}
         with step("base"):
             conds = {}                                               # text encoded once per prompt
             for key, enc in self._encoders.items():
                 if any(s is not None and s.text_key == key for s in (self.base, self.interp, self.sr)):
                     conds[key] = (enc(prompts), enc.null(B))
             cond, uncond = conds[self.base.text_key]
-            gen = torch.Generator().manual_seed(seed)
-            noise = torch.randn(B, d.in_channels, kb, d.height, d.width, generator=gen)
+            gen = streams("base")
+            noise = gen.randn((B, d.in_channels, kb, d.height, d.width))
             latents = self._sample(self.base, noise.to(self.device), cond, uncond, sampling["base"],
                                    gen, progress)                    # (B, Cz, Kb, h, w)
         bar.update()
         out["keyframes_latent"] = latents
-        fps = self.fps
         for i in range(passes):
             with step("interp"):
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + 101 + i)
+                gen = streams(f"interp pass {i}")
                 latents = self._interpolate(latents, *conds[self.interp.text_key],
                                             sampling["interp"], gen, progress)
-            fps *= self.interp.cfg.interp.rate
             bar.update()
         with step("vae"):
             decode = lambda z: self.vae.decode_latents(z).clamp(-1, 1)  # noqa: E731
@@ -387,17 +414,12 @@ class Pipeline:
         out["lowres"] = video
         if self.sr is not None:
             with step("sr"):
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + 211)
+                gen = streams("sr")
                 video = self._super_resolve(video, *conds[self.sr.text_key], sampling["sr"], gen,
                                             progress)                # (B, 3, T, sH, sW)
             bar.update()
-        bar.close()
         out["final"] = video
-        stages = {k: v.float().cpu() for k, v in out.items()}
-        stage_fps = {k: fps for k in stages}
-        stage_fps["keyframes"] = stage_fps["keyframes_latent"] = self.fps
-        return Result(video=stages["final"], prompts=prompts, stages=stages, timings=meter.timings,
-                      memory=meter.memory, memory_kind=meter.kind, fps=fps, stage_fps=stage_fps)
+        return out
 
     def _sample(self, stage: _Stage, noise, cond, uncond, sampling: StageSampling, gen, progress):
         return stage.diffusion.sample(stage.net, noise, cond, uncond, steps=sampling.steps,
@@ -406,6 +428,7 @@ class Pipeline:
 
     def _interpolate(self, keys, cond, uncond, sampling, gen, progress):
         """One interp pass: keys (B, C, n, h, w) latent keyframes -> (B, C, (n-1)*r + 1, h, w)."""
+        from cascade.diffusion import _randn
         st, K = self.interp, self.interp_keyframes
         r, aug_level = st.cfg.interp.rate, st.cfg.interp.aug_sample
         B, C, n, h, w = keys.shape
@@ -419,7 +442,7 @@ class Pipeline:
         frames_cond = {"frames": slots, "frame_mask": mask, "aug_t": aug_t}
         c = {**{k: v[per_group] for k, v in cond.items()}, **frames_cond}
         u = {**{k: v[per_group] for k, v in uncond.items()}, **frames_cond}   # only the text nulled
-        noise = torch.randn(B * G, C, N, h, w, generator=gen).to(keys.device)
+        noise = _randn((B * G, C, N, h, w), keys, gen)               # G groups from each video's stream
         filled = self._sample(st, noise, c, u, sampling, gen, progress)   # (B*G, C, N, h, w)
         if st.cfg.interp.residual:                                   # added to the clean keys' lerp
             clean = torch.stack([keys[:, :, s:s + K] for s in starts], 1).flatten(0, 1)
