@@ -277,6 +277,29 @@ class FinalLayer(nn.Module):
         return layer_norm_modulate_linear(x, sh, sc, self.linear.weight, self.linear.bias)
 
 
+class FramePosition(nn.Module):
+    """Absolute in-frame position, added to every token beside the relative 3D RoPE: sin / cos of
+    pi * k * u (k = 1..freqs) for the token centre's u = (i + 1/2) / n along the frame's height and
+    width, through a zero-initialised linear (a model fine-tuned from one without it starts as it).
+    RoPE alone is translation-equivariant: the network cannot tell the frame's border from its
+    middle, and the tiny base let objects run off one edge and come back in at the other. The
+    features are fractions of the frame, so any frame size gets them (NaViT's fractional
+    positions, Dehghani et al. 2023, Sec. 3.1)."""
+
+    def __init__(self, cfg: "DiTConfig", freqs: int = 4):
+        super().__init__()
+        self.freqs = freqs
+        self.proj = nn.Linear(4 * freqs, cfg.hidden)
+
+    def forward(self, Hp: int, Wp: int, device) -> torch.Tensor:
+        """-> (Hp * Wp, hidden)."""
+        k = torch.arange(1, self.freqs + 1, device=device, dtype=torch.float32) * math.pi
+        u = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n for n in (Hp, Wp)]
+        fy, fx = (torch.cat([torch.sin(a[:, None] * k), torch.cos(a[:, None] * k)], 1) for a in u)
+        feats = torch.cat([fy[:, None].expand(Hp, Wp, -1), fx[None].expand(Hp, Wp, -1)], -1)
+        return self.proj(feats.reshape(Hp * Wp, -1).to(self.proj.weight.dtype))   # (S, C)
+
+
 class VideoDiT(nn.Module):
     """net(x (B, C, T, H, W), t (B,), cond {text (B, L, Dt), text_mask (B, L), pooled (B, Dt)}).
 
@@ -305,6 +328,7 @@ class VideoDiT(nn.Module):
             raise ValueError(f"dit.text_pool: '{cfg.text_pool}' is not one of mean, attention")
         self.text_pool = AttentionPool(cfg) if cfg.text_pool == "attention" else None
         self.rope = Rope3D(cfg.hidden // cfg.heads) if cfg.pos == "rope" else None
+        self.frame_pos = FramePosition(cfg) if cfg.frame_pos else None
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg, self.out_channels)
         self.initialize()
@@ -327,6 +351,13 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.final.ada[-1].weight)
         nn.init.zeros_(self.final.ada[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
+        if self.frame_pos is not None:
+            nn.init.zeros_(self.frame_pos.proj.weight)
+
+    def zero_init_keys(self) -> list[str]:
+        """Parameters that start at zero and that an export of a model without them may lack
+        (`train.init_from` starts them at zero): the in-frame position's projection."""
+        return [f"frame_pos.proj.{n}" for n in ("weight", "bias")] if self.frame_pos is not None else []
 
     def check_shape(self, T: int, H: int, W: int) -> None:
         c = self.cfg
@@ -367,6 +398,8 @@ class VideoDiT(nn.Module):
             d = c.hidden // 3 // 2 * 2
             pe = torch.cat([sincos_1d(pos[:, i], d) for i in range(3)], -1)
             h = h + F.pad(pe, (0, c.hidden - 3 * d)).view(1, Tp, Hp * Wp, c.hidden).to(h.dtype)
+        if self.frame_pos is not None:
+            h = h + self.frame_pos(Hp, Wp, x.device).to(h.dtype)              # (S, C) to every frame
         emb = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.pooled_embed(cond["pooled"])
         if self.aug_embed is not None:
             emb = emb + self.aug_embed(timestep_embedding(cond["aug_t"], 256).to(h.dtype))
