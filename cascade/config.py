@@ -74,6 +74,7 @@ class DiTConfig:
     width: int = 8              # latent width
     attention: str = "factorised"   # factorised (spatial then temporal in each block) | full
     pos: str = "rope"           # rope (3D RoPE) | sincos
+    frame_pos: bool = False     # + absolute in-frame position (dit.FramePosition): where the borders are
     text_dim: int = 384
     cond_frames: bool = False   # interp stage: extra input channels for keyframe latents + mask
     learn_sigma: bool = False

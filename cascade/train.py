@@ -221,6 +221,11 @@ def init_weights(net: torch.nn.Module, folder: str, stage: str) -> None:
     from cascade.stages import load_export
     _, state = load_export(folder, expect_stage=stage)
     own = net.state_dict()
+    grown = [k for k in getattr(net, "zero_init_keys", list)() if k not in state]
+    if grown:
+        print(f"train.init_from: {len(grown)} new zero-initialised tensor(s) not in {folder}: "
+              f"{', '.join(grown)}")
+        state = {**state, **{k: own[k] for k in grown}}
     for k, v in own.items():
         if k not in state:
             raise ValueError(f"train.init_from: {folder} has no tensor '{k}' (a different model?)")
