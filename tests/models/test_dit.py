@@ -205,3 +205,24 @@ def test_attention_text_pool_reaches_adaln():
     torch.testing.assert_close(m.text_pool(hidden, mask)[0], a[0])
     with pytest.raises(ValueError, match="text_pool"):
         VideoDiT(tiny_cfg(text_pool="max"))
+
+
+def test_frame_pos_starts_as_the_model_without_it_and_knows_the_borders():
+    """dit.frame_pos: zero-initialised (a model without it loads into one with it and gives the
+    same output); once trained, the same content at another place in the frame gives another
+    output (RoPE alone is blind to where the borders are); fractional, so any frame size works."""
+    torch.manual_seed(0)
+    plain = VideoDiT(tiny_cfg())
+    randomize_zero_init(plain)
+    grown = VideoDiT(tiny_cfg(frame_pos=True))
+    state = {**plain.state_dict(), **{k: grown.state_dict()[k] for k in grown.zero_init_keys()}}
+    grown.load_state_dict(state)
+    assert grown.zero_init_keys() == ["frame_pos.proj.weight", "frame_pos.proj.bias"]
+    x, t, c = torch.zeros(1, 4, 4, 6, 6), torch.full((1,), 0.5), cond(B=1, empty_row=False)
+    x[..., 0:2, 0:2] = 1.0                                         # a blob in the top-left patch
+    moved = torch.roll(x, shifts=(2, 2), dims=(3, 4))              # the same blob one patch over
+    assert torch.equal(grown(x, t, c), plain(x, t, c))
+    grown.frame_pos.proj.weight.data.normal_(0, 0.5)
+    a, b = grown(x, t, c), grown(moved, t, c)
+    assert not torch.allclose(torch.roll(a, (2, 2), (3, 4)), b, atol=1e-4)
+    assert grown.frame_pos(3, 5, "cpu").shape == (15, 48)          # any frame size
