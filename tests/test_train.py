@@ -83,7 +83,8 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     assert resumed.returncode == 0, out
     assert f"resumed from {killed_dir}/checkpoints/step{last_ckpt}" in out
     rows = read_log(log)
-    after = [r for r in rows[len(killed_rows):]]
+    assert [r["step"] for r in rows] == list(range(1, 31))   # steps past the checkpoint not repeated
+    after = [r for r in rows if r["step"] > last_ckpt]
     assert after[0]["step"] == last_ckpt + 1 and after[-1]["step"] == 30
     ref = {r["step"]: r for r in read_log(tmp_path / "full" / "log.csv")}
     for r in after:                                    # same data, noise, weights and optimizer state
