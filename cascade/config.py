@@ -30,6 +30,8 @@ class DataConfig:
     val_fraction: float = 0.05  # kind=folder without val_manifest: this share of the rows (>= 1) held out of training
     seed: int = 0             # the synthetic stream is deterministic by seed
     image_fraction: float = 0.0  # W.A.L.T joint training: share of 1-frame clips (0 = video only)
+    recaption_manifest: str = ""  # kind=folder: a `cascade caption` manifest (path, caption, original_caption)
+    recaption_ratio: float = 0.0  # share of samples that take the recaption, by (seed, index) (DALL-E 3: 0.95)
 
 
 @dataclass
@@ -178,7 +180,7 @@ class StageConfig:
 
 STAGES = ("vae", "base", "interp", "sr")
 CHOICES = {
-    "data.kind": ("synthetic", "folder"),
+    "data.kind": ("synthetic", "folder", "cache"),   # cache: data.root = a `cascade cache` folder
     "dit.attention": ("factorised", "full"),
     "dit.pos": ("rope", "sincos"),
     "diffusion.schedule": ("cosine", "shifted_cosine"),
@@ -212,6 +214,8 @@ def validate(cfg: StageConfig) -> StageConfig:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0 <= cfg.data.image_fraction <= 1:
         raise ConfigError(f"data.image_fraction: must be in [0, 1], got {cfg.data.image_fraction}")
+    if not 0 <= cfg.data.recaption_ratio <= 1:
+        raise ConfigError(f"data.recaption_ratio: must be in [0, 1], got {cfg.data.recaption_ratio}")
     if cfg.data.image_fraction and cfg.stage == "interp":
         raise ConfigError("data.image_fraction: the interp stage cannot train on 1-frame clips")
     if not 0 <= cfg.train.zero_stage <= 3:
