@@ -31,11 +31,13 @@ def per_sample_rand(gens) -> torch.Tensor:
     return torch.cat([torch.rand(1, generator=g) for g in gens])           # (B,)
 
 
-def text_condition(text, captions: list[str], gens, cond_drop: float, device) -> dict:
+def text_condition(text, captions: list[str], gens, cond_drop: float, device,
+                   cond: dict | None = None) -> dict:
     """Frozen text encoding with classifier-free-guidance dropout (Ho & Salimans 2022, Alg. 1):
     each sample's {text, text_mask, pooled} is replaced by the null condition with probability
-    cond_drop, decided by one uniform draw from the sample's generator."""
-    cond = text(captions)
+    cond_drop, decided by one uniform draw from the sample's generator. `cond`: the encodings
+    already made (a cascade cache batch), used instead of running the encoder."""
+    cond = text(captions) if cond is None else {k: v.to(device) for k, v in cond.items()}
     null = text.null(len(gens))
     drop = (per_sample_rand(gens) < cond_drop).to(device)                   # (B,)
     for k in cond:
@@ -187,6 +189,9 @@ def vae_heldout_metrics(vae, videos: torch.Tensor) -> dict:
     return out
 
 
+CACHED_TEXT = ("text", "text_mask", "pooled")     # a cascade cache batch's text encodings
+
+
 class BaseStage:
     """Keyframe DiT on VAE latents, text-conditioned, trained with the shared diffusion loss."""
 
@@ -214,8 +219,15 @@ class BaseStage:
 
     @torch.no_grad()
     def prepare(self, batch, gens, device) -> dict:
-        x0 = self.vae.encode_latents(batch["video"].to(device))               # (B, Cz, T', h, w)
-        cond = text_condition(self.text, batch["caption"], gens, self.cfg.diffusion.cond_drop, device)
+        """A batch of clips, or of their cached encodings (cascade cache: latent_mean, text, ...;
+        the encoders are skipped and the inputs are the same as encoding the clips here)."""
+        cached = "latent_mean" in batch
+        if cached:                                 # the posterior's mode, scaled (encode_latents)
+            x0 = batch["latent_mean"].to(device) * self.vae.scaling_factor    # (B, Cz, T', h, w)
+        else:
+            x0 = self.vae.encode_latents(batch["video"].to(device))           # (B, Cz, T', h, w)
+        cond = text_condition(self.text, batch["caption"], gens, self.cfg.diffusion.cond_drop, device,
+                              {k: batch[k] for k in CACHED_TEXT} if cached else None)
         t = per_sample_rand(gens).to(device)
         noise = per_sample_randn(gens, x0.shape[1:]).to(device)
         return {"x0": x0, "t": t, "noise": noise, **cond}

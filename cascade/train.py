@@ -43,6 +43,9 @@ from cascade.stages import StageLoss, build_stage, sample_generators  # noqa: E4
 
 ds_logger.setLevel(logging.WARNING)                 # keep DeepSpeed's INFO lines off the progress bar
 log = logging.getLogger(__name__)
+# the batch tensors with a time axis at dim 2: clips, or their cached latents (cascade cache; the
+# VAE is causal with per-frame norms, so latent frame 0 is the encoding of frame 0 alone)
+FRAME_KEYS = ("video", "latent_mean", "latent_std")
 CHECKPOINT_STATE = "state.json"                     # written last: a checkpoint folder without it is incomplete
 
 
@@ -394,6 +397,9 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     dataset = build_dataset(cfg.data)                  # first: a bad data folder fails in a second
+    if cfg.data.kind == "cache":                       # made with this stage's VAE and text encoder?
+        from cascade.data.cache import check_compatible
+        check_compatible(dataset.manifest, cfg, cfg.data.root)
     if cfg.stage == "vae" and cfg.data.kind == "folder":
         build_dataset(cfg.data, split="val")           # the held-out clips of finalize, checked now
     skipped = len(getattr(dataset, "skipped", ()))
@@ -435,7 +441,7 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
         for micro in range(t.grad_accum):
             batch = next(batches)
             if image_step(t.seed, step, cfg.data.image_fraction):              # W.A.L.T joint training
-                batch = {**batch, "video": batch["video"][:, :, :1]}
+                batch = {**batch, **{k: batch[k][:, :, :1] for k in FRAME_KEYS if k in batch}}
             gens = sample_generators(t.seed, step_indices(step, micro, rank, cfg, world))
             inputs = stage.prepare(batch, gens, device)
             loss, logs = engine(inputs)

@@ -30,18 +30,30 @@ def build_dataset(data_cfg: DataConfig, split: str = "train"):
             if not getattr(d, key):
                 raise ConfigError(f"data.{key}: needed when data.kind=folder")
         common = dict(frames=d.frames, height=d.height, width=d.width, fps=d.fps, seed=d.seed)
+        if split == "train" and d.recaption_ratio > 0:   # held-out clips keep their own captions
+            if not d.recaption_manifest:
+                raise ConfigError("data.recaption_manifest: needed when data.recaption_ratio > 0 "
+                                  "(make one with cascade caption <folder>)")
+            common.update(recaption_manifest=d.recaption_manifest, recaption_ratio=d.recaption_ratio)
         if d.val_manifest:                         # held-out videos listed apart: train on all
             manifest = d.val_manifest if split == "val" else d.manifest
             return VideoFolder(d.root, manifest, **common)
         return VideoFolder(d.root, d.manifest, split=split, val_fraction=d.val_fraction, **common)
-    raise ConfigError(f"data.kind: '{d.kind}' is not one of synthetic, folder")
+    if d.kind == "cache":                          # cascade cache: latents + text, encoded once
+        from cascade.data.cache import LatentCache, read_manifest, source_config
+        if not d.root:
+            raise ConfigError("data.root: needed when data.kind=cache (the cascade cache folder)")
+        if split == "val":                         # held-out clips: from the data it was made of
+            return build_dataset(source_config(read_manifest(d.root)), split="val")
+        return LatentCache(d.root)
+    raise ConfigError(f"data.kind: '{d.kind}' is not one of synthetic, folder, cache")
 
 
 def collate(batch: list[dict]) -> dict:
-    """List of samples -> {"video": (B, 3, T, H, W), "caption": list[str], "meta": list[dict]}."""
-    return {"video": torch.stack([b["video"] for b in batch]),
-            "caption": [b["caption"] for b in batch],
-            "meta": [b["meta"] for b in batch]}
+    """List of samples -> {"video": (B, 3, T, H, W), "caption": list[str], "meta": list[dict]};
+    a cached sample's tensors (latent_mean, text, ...) are stacked the same way."""
+    out = {k: torch.stack([b[k] for b in batch]) for k, v in batch[0].items() if torch.is_tensor(v)}
+    return {**out, "caption": [b["caption"] for b in batch], "meta": [b["meta"] for b in batch]}
 
 
 __all__ = ["SyntheticVideos", "VideoFolder", "build_dataset", "collate"]
