@@ -4,6 +4,8 @@
     cascade train-cascade configs/cascade/tiny.yaml           every stage of a cascade, in order
     cascade sample "a red circle moving left on a blue background"
     cascade eval --stages runs/tiny --num-prompts 32 --out outputs/eval
+    cascade cache configs/tiny/base.yaml --out caches/base     encode the data once (data.kind=cache)
+    cascade caption videos/ --model PATH                      recaption a folder (DALL-E 3)
 
 Errors a user can cause (a bad config key, a missing checkpoint, an empty prompt) end with one
 line naming the problem and exit status 2.
@@ -226,6 +228,10 @@ def cmd_sample(args) -> None:
     check_sampling_args(args)
     prompts = read_prompts(args)
     out = writable_folder(args.out)
+    extender = None
+    if args.extend_prompt or args.extend_model:        # DALL-E 3 / Make-A-Video prompt extension
+        from cascade.prompt_extend import PromptExtender
+        extender = PromptExtender(args.extend_model)    # a bad --extend-model fails before loading
     cc = load_cascade(args.cascade)
     wanted = {"vae", "base"} | ({"interp"} if not args.no_interp else set()) \
         | ({"sr"} if not args.no_sr else set())
@@ -235,6 +241,16 @@ def cmd_sample(args) -> None:
     pipe = Pipeline(stages, device, use_interp=False if args.no_interp else None,
                     use_sr=False if args.no_sr else None)
     per_stage = resolve_sampling(args, cc)
+    short = {}                                         # extended prompt -> the user's prompt
+    if extender is not None:
+        text = getattr(pipe, "text", None)             # the added words fit its max_length
+        extended_prompts = []
+        for p in prompts:
+            e = extender(p, getattr(text, "tokenizer", None), getattr(text, "max_length", None))
+            print(f"prompt: {p} -> {e}")
+            short.setdefault(e, p)
+            extended_prompts.append(e)
+        prompts = extended_prompts
     res = pipe(prompts, seed=args.seed, num_videos=args.num_videos, batch_size=args.batch_size,
                **per_stage,
                interp_passes=args.interp_passes, frames=args.frames,
@@ -242,16 +258,25 @@ def cmd_sample(args) -> None:
     if not torch.isfinite(res.video).all():            # never write black videos over good ones
         raise ValueError(f"sampling gave non-finite values (check the sampling flags and the "
                          f"stages in {stages}); nothing was written to {out}")
-    paths = []
+    paths, extended = [], []
     for i, (video, prompt) in enumerate(zip(res.video, res.prompts)):
-        name = f"{i:03d}_{slug(prompt)}"
+        name = f"{i:03d}_{slug(short.get(prompt, prompt))}"
         paths.append(write_mp4(video, out / f"{name}.mp4", fps=res.fps))
+        if extender is not None:                  # the text the video was made from, beside it
+            (out / f"{name}.txt").write_text(prompt + "\n")
+            paths.append(out / f"{name}.txt")
+            extended.append({"video": f"{name}.mp4", "prompt": short[prompt], "extended": prompt,
+                             "extender": extender.name})
         if args.save_stages:                      # each stage's output, decoded, per video
             for stage in ("keyframes", "interp", "lowres", "final"):
                 if stage in res.stages:
                     (out / name).mkdir(exist_ok=True)
                     paths.append(write_mp4(res.stages[stage][i], out / name / f"{stage}.mp4",
                                            fps=res.stage_fps[stage]))
+    if extended:
+        import json
+        (out / "prompts.json").write_text(json.dumps(extended, indent=1) + "\n")
+        paths.append(out / "prompts.json")
     sheet = contact_sheet(res.video, out / "contact_sheet.png", captions=res.prompts)
     for p in paths:
         print(f"wrote {p}")
@@ -276,6 +301,22 @@ def cmd_eval(args) -> None:
     print(markdown(report))
     for path in write_report(report, args.out):
         print(f"wrote {path}")
+
+
+def cmd_cache(args) -> None:
+    from cascade.cache import build_cache
+    from cascade.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or f"{cfg.train.out_dir.rstrip('/')}_cache"
+    build_cache(cfg, out, samples=args.samples, shard_size=args.shard_size,
+                batch_size=args.batch_size, progress=not args.no_progress)
+
+
+def cmd_caption(args) -> None:
+    from cascade.caption import caption_folder
+    caption_folder(args.folder, args.model, frames=args.frames, batch_size=args.batch_size,
+                   out=args.out, manifest=args.manifest, mode=args.mode,
+                   max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -316,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-sr", action="store_true", help="skip the super-resolution stage")
     s.add_argument("--save-stages", action="store_true", help="also write each video's keyframes, "
                    "interp, lowres and final mp4s in a folder per video")
+    s.add_argument("--extend-prompt", action="store_true", help="rewrite each prompt into a "
+                   "detailed one first (DALL-E 3): with --extend-model, else rule-based for the "
+                   "embedded domain; printed and saved beside the video")
+    s.add_argument("--extend-model", help="a local causal LM folder (or cached hub name) for "
+                   "--extend-prompt; implies it")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_sample)
     e = sub.add_parser("eval", help="measure a trained cascade on the synthetic domain: prompt "
@@ -333,6 +379,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LPIPS trunk: auto = ImageNet VGG when in the torch hub cache, else random")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
+    c = sub.add_parser("cache", help="encode a stage's data set once (VAE latents + text) for "
+                                     "training with data.kind=cache")
+    c.add_argument("config", help="a base or interp stage YAML, e.g. configs/tiny/base.yaml")
+    c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seed=3")
+    c.add_argument("--out", help="cache folder (default: <train.out_dir>_cache)")
+    c.add_argument("--samples", type=int, help="samples to encode (default: every clip of a "
+                   "folder; synthetic: the config's whole run, steps x batch x grad_accum)")
+    c.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    c.add_argument("--batch-size", type=int, help="clips per encoder call (default: train.batch_size)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(fn=cmd_cache)
+    cap = sub.add_parser("caption", help="recaption a folder of videos with a local captioning "
+                                         "model (DALL-E 3): a JSONL of new + original captions")
+    cap.add_argument("folder", help="folder of videos (its captions.jsonl / .csv gives the originals)")
+    cap.add_argument("--model", help="a local transformers image-to-text model folder or cached hub name")
+    cap.add_argument("--manifest", help="manifest of the clips and their original captions "
+                     "(default: captions.jsonl or captions.csv in the folder, else every video)")
+    cap.add_argument("--frames", type=int, default=3, help="frames per clip, first to last")
+    cap.add_argument("--mode", choices=("frames", "tile"), default="frames", help="caption each "
+                     "frame and join, or tile the frames into one image")
+    cap.add_argument("--batch-size", type=int, default=4, help="clips per generate call")
+    cap.add_argument("--max-new-tokens", type=int, default=30)
+    cap.add_argument("--out", help="output JSONL (default: <folder>/captions_recaptioned.jsonl)")
+    cap.add_argument("--no-progress", action="store_true")
+    cap.set_defaults(fn=cmd_caption)
     return p
 
 

@@ -195,11 +195,30 @@ def decode_clip(path: str | Path, frames: int, fps: float, height: int, width: i
     return np.stack(out), {"start": start, "padded": padded}               # (T, H, W, 3)
 
 
+RECAPTION_STREAM = 0x5EC      # a third seed word: the recaption draw is apart from the clip start's
+
+
+def read_recaptions(root: Path, manifest: str | Path) -> dict[str, str]:
+    """A `cascade caption` manifest (JSONL of path, caption, original_caption; paths relative to
+    root) -> {normalised path: new caption}; rows without a caption are left out."""
+    manifest = Path(manifest)
+    if not manifest.is_absolute() and not manifest.is_file() and (root / manifest).is_file():
+        manifest = root / manifest                                          # relative to root
+    if not manifest.is_file():
+        raise FileNotFoundError(f"data.recaption_manifest: not found: {manifest}")
+    rows = read_manifest(manifest)
+    for r in rows:
+        check_inside(root, r["path"], r["row"])
+    return {os.path.normpath(r["path"]): r["caption"] for r in rows
+            if r["caption"] and r["caption"].strip()}
+
+
 class VideoFolder(Dataset):
     """Text-video pairs from files listed in a manifest (CSV or JSONL, paths relative to root)."""
 
     def __init__(self, root: str | Path, manifest: str | Path, frames: int, height: int, width: int,
-                 fps: float = 8.0, seed: int = 0, split: str = "all", val_fraction: float = 0.0):
+                 fps: float = 8.0, seed: int = 0, split: str = "all", val_fraction: float = 0.0,
+                 recaption_manifest: str | Path | None = None, recaption_ratio: float = 0.0):
         if split not in ("all", "train", "val"):
             raise ValueError(f"split: '{split}' is not one of all, train, val")
         self.root = Path(root)
@@ -238,6 +257,9 @@ class VideoFolder(Dataset):
                 continue
             self.entries.append(r)
         self._bad: set[int] = set()
+        self.recaptions, self.recaption_ratio = {}, float(recaption_ratio)
+        if recaption_manifest and recaption_ratio > 0:
+            self.recaptions = read_recaptions(self.root, recaption_manifest)
         if not self.entries:
             what = f"the {split} split of " if split != "all" else ""
             raise ValueError(f"data: none of {what}the {self.rows} videos listed in {manifest} can "
@@ -261,6 +283,16 @@ class VideoFolder(Dataset):
         self.skipped.append((row["row"], reason))
         log.warning("skipping video %s (%s): %s", path, row["row"], reason)
 
+    def caption(self, entry: dict, index: int) -> tuple[str, bool]:
+        """The sample's caption: its recaption (`cascade caption`) for a share recaption_ratio of
+        the samples, decided by (seed, index) alone (DALL-E 3 Sec. 3.4 mixes synthetic and original
+        captions, 95:5), else the manifest's own; and whether it is the recaption."""
+        new = self.recaptions.get(os.path.normpath(str(entry["path"].relative_to(self.root))))
+        if new is None or self.recaption_ratio <= 0:
+            return entry["caption"], False
+        u = float(np.random.default_rng((self.seed, index, RECAPTION_STREAM)).random())
+        return (new, True) if u < self.recaption_ratio else (entry["caption"], False)
+
     def __getitem__(self, index: int) -> dict:
         n = len(self.entries)
         index = int(index) % n if index < 0 else int(index)
@@ -278,8 +310,9 @@ class VideoFolder(Dataset):
                     self._skip(entry, entry["path"], _first_line(e))
                 else:
                     video = torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W)
-                    return {"video": video, "caption": entry["caption"],
-                            "meta": {"path": str(entry["path"]), **info}}
+                    caption, recaptioned = self.caption(entry, index)
+                    return {"video": video, "caption": caption,
+                            "meta": {"path": str(entry["path"]), "recaptioned": recaptioned, **info}}
             good = [k for k in range(n) if k not in self._bad]
             if not good:
                 break
