@@ -134,6 +134,9 @@ class DiffusionConfig:
     sampler: str = "dpmpp_2m"       # ddim | dpmpp_2m | euler_ancestral
     steps: int = 25
     guidance: float = 4.0
+    # guidance only where lo <= t <= hi, a plain conditional call elsewhere (Kynkaanniemi et al.
+    # 2024, "Applying guidance in a limited interval"): guidance at high noise makes layouts
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
 
 @dataclass

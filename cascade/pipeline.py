@@ -57,6 +57,7 @@ class StageSampling:
     steps: int | None = None
     guidance: float | None = None
     sampler: str | None = None
+    guidance_interval: tuple | None = None      # (lo, hi): guided only at t in [lo, hi]
 
     @classmethod
     def of(cls, value) -> "StageSampling":
@@ -69,7 +70,7 @@ class StageSampling:
             unknown = set(value) - {f.name for f in fields(cls)}
             if unknown:
                 raise ValueError(f"stage sampling: unknown key(s) {sorted(unknown)} "
-                                 f"(use steps, guidance, sampler)")
+                                 f"(use steps, guidance, sampler, guidance_interval)")
             return cls(**value)
         raise TypeError(f"stage sampling must be None, a dict or a StageSampling, got {type(value)}")
 
@@ -424,6 +425,7 @@ class Pipeline:
     def _sample(self, stage: _Stage, noise, cond, uncond, sampling: StageSampling, gen, progress):
         return stage.diffusion.sample(stage.net, noise, cond, uncond, steps=sampling.steps,
                                       guidance=sampling.guidance, sampler=sampling.sampler,
+                                      guidance_interval=sampling.guidance_interval,
                                       progress=progress, generator=gen)
 
     def _interpolate(self, keys, cond, uncond, sampling, gen, progress):

@@ -208,6 +208,28 @@ def test_guidance_scale_one_and_batched_equals_separate_calls():
     torch.testing.assert_close(guided, x0_u + 4.0 * (plain - x0_u))
 
 
+def test_guidance_interval_guides_only_inside_it():
+    """guidance_interval (lo, hi): the guided combination at t in [lo, hi], the plain
+    conditional prediction (one call of batch B) outside; a bad interval is a one-line error."""
+    d = Diffusion(DiffusionConfig(prediction="v"))
+    B = 2
+    cond = {"scale": torch.tensor([0.5, 2.0]), "mask": torch.ones(B, 4, dtype=torch.bool)}
+    uncond = {"scale": torch.zeros(1), "mask": torch.zeros(1, 4, dtype=torch.bool)}
+    x = torch.randn(B, 6)
+    calls = []
+    net = cond_net(calls)
+    den = guided_denoiser(net, cond, uncond, 4.0, d, (0.3, 0.6))
+    for t, inside in ((0.2, False), (0.35, True), (0.55, True), (0.9, False)):
+        tt = torch.full((B,), t)
+        calls.clear()
+        got = den(x, tt)
+        assert calls == ([2 * B] if inside else [B])
+        ref = guided_denoiser(net, cond, uncond, 4.0 if inside else 1.0, d)(x, tt)
+        torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        guided_denoiser(net, cond, uncond, 4.0, d, (0.7, 0.2))
+
+
 def test_drop_condition():
     B = 5
     cond = {"text": torch.randn(B, 3, 2), "mask": torch.ones(B, 3, dtype=torch.bool)}
