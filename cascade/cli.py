@@ -232,6 +232,9 @@ def cmd_sample(args) -> None:
     if args.extend_prompt or args.extend_model:        # DALL-E 3 / Make-A-Video prompt extension
         from cascade.prompt_extend import PromptExtender
         extender = PromptExtender(args.extend_model)    # a bad --extend-model fails before loading
+        if extender.lm is None:
+            for p in prompts:                          # so does a prompt the rules cannot extend
+                extender(p)
     cc = load_cascade(args.cascade)
     wanted = {"vae", "base"} | ({"interp"} if not args.no_interp else set()) \
         | ({"sr"} if not args.no_sr else set())

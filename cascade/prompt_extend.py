@@ -89,14 +89,15 @@ def load_causal_lm(name_or_path: str, device="cpu"):
 
 
 def fit_words(head: str, extra: str, tokenizer, max_length: int) -> str:
-    """head + ', ' + as many of extra's words as fit max_length tokens of tokenizer (the text
-    encoder's, special tokens included); head alone when none fit."""
-    words = extra.split()
-    while words:
-        text = f"{head}, {' '.join(words)}"
-        if tokenizer is None or len(tokenizer(text)["input_ids"]) <= max_length:
+    """head + ', ' + as much of extra as fits max_length tokens of tokenizer (the text encoder's,
+    special tokens included), cut at a token; head alone when nothing fits."""
+    if tokenizer is None:
+        return f"{head}, {extra}"
+    ids = tokenizer(extra, add_special_tokens=False)["input_ids"]
+    for n in range(min(len(ids), max_length), 0, -1):
+        text = f"{head}, {tokenizer.decode(ids[:n], skip_special_tokens=True).strip()}"
+        if len(tokenizer(text)["input_ids"]) <= max_length:
             return text
-        words.pop()
     return head
 
 
