@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-from kernels.dispatch import interpreting, use_triton
+from kernels.dispatch import interpreting, launch, sm_count, use_triton
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,13 +494,20 @@ def _config(prob, dtype, pass_):
     The interpreter gets one small fixed tile (32) so tests exercise tails and several tiles. On a
     GPU the tiles follow FA-2 / Triton's fused-attention tutorial: 128 x 64 forward; backward 64
     queries x 32 keys (dQ) and 64 keys x 32 queries (dK, dV); halved where fp32 or head_dim > 64
-    would spill registers. Temporal mode pads T to >= 16 (the smallest dot tile) and gives each
-    program several positions (POS) so that short sequences still make a program's worth of work."""
-    big = dtype == torch.float32 or prob.head_dim > 64
+    would spill registers. fp32 (IEEE dots run on FMA units, their operands in registers) was
+    measured with ptxas for sm_90 (tests/kernels/test_gpu_compile.py): the forward at 64 x 64
+    spilled 620 bytes per thread at head_dim 64 and 14 KB at 128 (ptxas fell back to 32
+    registers), so it runs 64 x 32 on 8 warps (88 / 114 registers, no spill); the dQ pass at
+    head_dim 72 on 8 warps spilled 4 bytes (ptxas capped it at 80 registers), so fp32 dQ with
+    head_dim > 64 runs on 4 warps. Temporal mode pads T to >= 16 (the smallest dot tile) and gives
+    each program several positions (POS) so that short sequences still make a program's worth of
+    work."""
+    f32 = dtype == torch.float32
+    big = f32 or prob.head_dim > 64
     if interpreting():
         bm = bn = 32
     elif pass_ == "fwd":
-        bm, bn = (64 if big else 128), 64
+        bm, bn = (64, 32) if f32 else ((64 if big else 128), 64)
     elif pass_ == "dq":
         bm, bn = (32 if big else 64), 32
     else:  # dkv: programs over keys, inner loop over queries
@@ -511,6 +518,10 @@ def _config(prob, dtype, pass_):
     bm = min(bm, max(16, _pow2(prob.lq)))
     bn = min(bn, max(16, _pow2(prob.lk)))
     warps = 8 if prob.head_dim > 64 else 4
+    if f32 and pass_ == "fwd":
+        warps = 8
+    elif f32 and pass_ == "dq" and prob.head_dim > 64:
+        warps = 4
     stages = 3 if pass_ == "fwd" and not big else 2
     return bm, bn, 1, warps, stages
 
@@ -553,7 +564,7 @@ def _attn_fwd(q, k, v, prob):
     sm = prob.key_mask.stride() if prob.key_mask is not None else (0, 0)
     num_m = triton.cdiv(prob.lq, bm)
     grid = (num_m * prob.heads * triton.cdiv(prob.nb, pos),)
-    _attn_fwd_kernel[grid](
+    launch(_attn_fwd_kernel, grid)(
         q, k, v, o, lse, prob.key_mask, prob.cu_seqlens,
         *_strides(q, prob), *_strides(k, prob), *_strides(v, prob), *_strides(o, prob),
         *sm, s_lb, s_lh, *_sizes(prob), num_m, prob.scale * math.log2(math.e),
@@ -573,7 +584,8 @@ def _attn_bwd(do, q, k, v, o, lse, prob):
 
     bm, bn, pos, warps, stages = _config(prob, q.dtype, "dq")
     num_m = triton.cdiv(prob.lq, bm)
-    _attn_bwd_dq_kernel[(num_m * prob.heads * triton.cdiv(prob.nb, pos),)](
+    grid = (num_m * prob.heads * triton.cdiv(prob.nb, pos),)
+    launch(_attn_bwd_dq_kernel, grid)(
         q, k, v, o, do, dq, lse, delta, prob.key_mask, prob.cu_seqlens,
         *_strides(q, prob), *_strides(k, prob), *_strides(v, prob), *_strides(o, prob),
         *_strides(do, prob), *_strides(dq, prob),
@@ -582,7 +594,8 @@ def _attn_bwd(do, q, k, v, o, lse, prob):
 
     bm, bn, pos, warps, stages = _config(prob, q.dtype, "dkv")
     num_n = triton.cdiv(prob.lk, bn)
-    _attn_bwd_dkv_kernel[(num_n * prob.heads * triton.cdiv(prob.nb, pos),)](
+    grid = (num_n * prob.heads * triton.cdiv(prob.nb, pos),)
+    launch(_attn_bwd_dkv_kernel, grid)(
         q, k, v, do, dk, dv, lse, delta, prob.key_mask, prob.cu_seqlens,
         *_strides(q, prob), *_strides(k, prob), *_strides(v, prob), *_strides(do, prob),
         *_strides(dk, prob), *_strides(dv, prob),

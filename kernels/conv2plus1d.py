@@ -50,7 +50,7 @@ import triton.language as tl
 
 from kernels.conv3d import (_autocast, _conv3d_bwd_dw, _conv3d_bwd_dx, _conv3d_fwd, _Geometry,
                             _memory_format, _precision, _tile, conv3d, conv3d_ref)
-from kernels.dispatch import interpreting, use_triton
+from kernels.dispatch import interpreting, launch, sm_count, use_triton
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def _time_chunks(device, programs, TO):
     there are two waves of programs; one in the interpreter (tests patch this)."""
     if interpreting():
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     return max(1, min(triton.cdiv(2 * sms, programs), TO // 4))
 
 
@@ -210,7 +210,7 @@ def _conv2plus1d_fwd_fused(x, ws, bs, wt, bt, causal):
     t_chunk = triton.cdiv(TO, _time_chunks(x.device, B * num_s * num_n, TO))
     num_tc = triton.cdiv(TO, t_chunk)
     grid = (B * num_s * num_tc, num_n)
-    _conv2plus1d_fwd_kernel[grid](
+    launch(_conv2plus1d_fwd_kernel, grid)(
         x, ws, bs if bs is not None else ws, wt, bt if bt is not None else wt, y,
         *x.stride(), ws.stride(0), ws.stride(1), ws.stride(3), ws.stride(4),
         wt.stride(0), wt.stride(1), wt.stride(2), *y.stride(),

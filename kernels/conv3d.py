@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import interpreting, use_triton
+from kernels.dispatch import interpreting, launch, sm_count, use_triton
 
 
 def _triple(v):
@@ -386,7 +386,7 @@ def _conv3d_fwd(x, weight, bias, g):
     y = torch.empty(g.out_shape, device=x.device, dtype=x.dtype, memory_format=g.x_format)
     bm, bn, bk, warps, stages = _config("fwd", cout, cin, x.dtype)
     num_m = triton.cdiv(TO * HO * WO, bm)
-    _conv3d_fwd_kernel[(B * num_m, triton.cdiv(cout, bn))](
+    launch(_conv3d_fwd_kernel, (B * num_m, triton.cdiv(cout, bn)))(
         x, weight, bias if bias is not None else weight, y,
         *x.stride(), *weight.stride(), *y.stride(),
         cin, T, H, W, cout, TO, HO, WO, num_m, *g.stride, *g.front,
@@ -405,7 +405,7 @@ def _conv3d_bwd_dx(dy, weight, g):
     dx = torch.empty(g.x_shape, device=dy.device, dtype=weight.dtype, memory_format=g.x_format)
     bm, bn, bk, warps, stages = _config("dx", cin, cout, weight.dtype)
     num_m = triton.cdiv(TP * HP * WP, bm)
-    _conv3d_bwd_dx_kernel[(B * st * sh * sw * num_m, triton.cdiv(cin, bn))](
+    launch(_conv3d_bwd_dx_kernel, (B * st * sh * sw * num_m, triton.cdiv(cin, bn)))(
         dy, weight, dx, *dy.stride(), *weight.stride(), *dx.stride(),
         cin, T, H, W, cout, TO, HO, WO, *g.stride, *g.front, TP, HP, WP, num_m,
         KT=kt, KH=kh, KW=kw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -418,7 +418,7 @@ def _dw_split(device, tiles, P, bk):
     it about four times over, each chunk >= 8 steps; one in the interpreter (tests patch this)."""
     if interpreting():
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     return max(1, min(triton.cdiv(4 * sms, tiles), P // (8 * bk)))
 
 
@@ -434,7 +434,8 @@ def _conv3d_bwd_dw(dy, x, g, has_bias):
     split = triton.cdiv(P, chunk)
     dwp = torch.empty((split, cout, cin, kt, kh, kw), device=x.device, dtype=torch.float32)
     dbp = torch.empty((split, cout), device=x.device, dtype=torch.float32) if has_bias else dwp
-    _conv3d_bwd_dw_kernel[(taps * split, triton.cdiv(cout, bm), triton.cdiv(cin, bn))](
+    grid = (taps * split, triton.cdiv(cout, bm), triton.cdiv(cin, bn))
+    launch(_conv3d_bwd_dw_kernel, grid)(
         dy, x, dwp, dbp, *dy.stride(), *x.stride(),
         B, cin, T, H, W, cout, TO, HO, WO, chunk, *g.stride, *g.front,
         KT=kt, KH=kh, KW=kw, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import interpreting, use_triton
+from kernels.dispatch import interpreting, launch, sm_count, use_triton
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +249,8 @@ def _gn_bwd_dx_kernel(
     rstd = tl.load(RSTD + ng)
     offs_p = tl.arange(0, BLOCK_P)
     p_ok = offs_p < NCHUNK
-    count = (CG * S).to(tl.float32)
+    count = CG * 1.0 * S  # fp32; not (CG * S).to(): Triton passes an int argument equal to 1 as a
+    # Python int (CG = 1 channel per group and S = 1 position make CG * S a plain int)
     s1 = tl.sum(tl.load(S1_P + ng * NCHUNK + offs_p, mask=p_ok, other=0.0), axis=0) / count
     s2 = tl.sum(tl.load(S2_P + ng * NCHUNK + offs_p, mask=p_ok, other=0.0), axis=0) / count
     offs_s = tl.arange(0, BLOCK_S)
@@ -288,17 +289,19 @@ def _as_bcts(x, per_frame):
     return x.reshape(B, C, x.shape[2] if per_frame else 1, -1)
 
 
-def _plan(samples, G, CG, S, device):
-    """(BLOCK_C, BLOCK_S, CHUNK, NCHUNK, num_warps): tiles of about 4096 elements on a GPU, chunks
-    along S until samples*G*NCHUNK fills the GPU about four times. The interpreter pays per tile
-    step, so it gets two 256-wide tiles per chunk (tests still see several chunks and tiles)."""
+def _plan(samples, G, CG, S, device, channels_last=False):
+    """(BLOCK_C, BLOCK_S, CHUNK, NCHUNK, num_warps): tiles of about 4096 elements on a GPU (2048
+    when the channels are the contiguous axis: compiled for sm_90, a 4 x 1024 channels-last fp16
+    tile spilled 8 bytes per thread at 8 warps, 4 x 512 uses 80 registers), never longer than S,
+    chunks along S until samples*G*NCHUNK fills the GPU about four times. The interpreter pays per
+    tile step, so it gets two 256-wide tiles per chunk (tests still see several chunks and tiles)."""
     block_c = min(_pow2(CG), 64)
     if interpreting():
         block_s = 256
         chunk = 2 * block_s
     else:
-        block_s = max(64, 4096 // block_c)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        block_s = min(max(64, (2048 if channels_last else 4096) // block_c), max(16, _pow2(S)))
+        sms = sm_count(device)
         nchunk = max(1, min(triton.cdiv(4 * sms, samples * G), triton.cdiv(S, 4 * block_s), 1024))
         chunk = triton.cdiv(triton.cdiv(S, nchunk), block_s) * block_s
     return block_c, block_s, chunk, triton.cdiv(S, chunk), 4 if interpreting() else 8
@@ -309,14 +312,15 @@ def _gn_fwd(x, G, weight, bias, eps, silu, per_frame):
     x4, y4 = _as_bcts(x, per_frame), _as_bcts(y, per_frame)  # (B, C, NT, S)
     B, C, NT, S = x4.shape
     CG = C // G
-    bc, bs, chunk, nchunk, warps = _plan(B * NT, G, CG, S, x.device)
+    channels_last = x4.stride(1) == 1 and S > 1
+    bc, bs, chunk, nchunk, warps = _plan(B * NT, G, CG, S, x.device, channels_last)
     parts = torch.empty((3, B * NT * G, nchunk), device=x.device, dtype=torch.float32)
     mean = torch.empty(B * NT * G, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     grid = (B * NT * G, nchunk)
-    _gn_stats_kernel[grid](x4, parts[0], parts[1], parts[2], *x4.stride(), NT, G, CG, S, chunk,
-                           nchunk, BLOCK_C=bc, BLOCK_S=bs, num_warps=warps)
-    _gn_fwd_kernel[grid](
+    launch(_gn_stats_kernel, grid)(x4, parts[0], parts[1], parts[2], *x4.stride(), NT, G, CG, S,
+                                   chunk, nchunk, BLOCK_C=bc, BLOCK_S=bs, num_warps=warps)
+    launch(_gn_fwd_kernel, grid)(
         x4, y4, weight if weight is not None else x4, bias if bias is not None else x4,
         parts[0], parts[1], parts[2], mean, rstd, *x4.stride(), *y4.stride(),
         NT, G, CG, S, chunk, nchunk, eps, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -330,7 +334,8 @@ def _gn_bwd(dy, x, G, weight, bias, mean, rstd, silu, per_frame):
     x4, dy4, dx4 = (_as_bcts(t, per_frame) for t in (x, dy, dx))  # (B, C, NT, S)
     B, C, NT, S = x4.shape
     CG = C // G
-    bc, bs, chunk, nchunk, warps = _plan(B * NT, G, CG, S, x.device)
+    channels_last = x4.stride(1) == 1 and S > 1
+    bc, bs, chunk, nchunk, warps = _plan(B * NT, G, CG, S, x.device, channels_last)
     sums = torch.empty((2, B * NT * G, nchunk), device=x.device, dtype=torch.float32)
     wb = torch.empty((2, B * NT, nchunk, C), device=x.device, dtype=torch.float32)
     grid = (B * NT * G, nchunk)
@@ -338,11 +343,12 @@ def _gn_bwd(dy, x, G, weight, bias, mean, rstd, silu, per_frame):
     b_arg = bias if bias is not None else x4
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
                  BLOCK_C=bc, BLOCK_S=bs, num_warps=warps)
-    _gn_bwd_sums_kernel[grid](x4, dy4, w_arg, b_arg, mean, rstd, sums[0], sums[1], wb[0], wb[1],
-                              *x4.stride(), *dy4.stride(), NT, G, C, CG, S, chunk, nchunk, **flags)
-    _gn_bwd_dx_kernel[grid](x4, dy4, dx4, w_arg, b_arg, mean, rstd, sums[0], sums[1],
-                            *x4.stride(), *dy4.stride(), *dx4.stride(), NT, G, CG, S, chunk,
-                            nchunk, BLOCK_P=_pow2(nchunk), **flags)
+    launch(_gn_bwd_sums_kernel, grid)(x4, dy4, w_arg, b_arg, mean, rstd, sums[0], sums[1], wb[0],
+                                      wb[1], *x4.stride(), *dy4.stride(), NT, G, C, CG, S, chunk,
+                                      nchunk, **flags)
+    launch(_gn_bwd_dx_kernel, grid)(x4, dy4, dx4, w_arg, b_arg, mean, rstd, sums[0], sums[1],
+                                    *x4.stride(), *dy4.stride(), *dx4.stride(), NT, G, CG, S, chunk,
+                                    nchunk, BLOCK_P=_pow2(nchunk), **flags)
     dwb = wb.sum((1, 2))  # (2, C)
     return dx, dwb[0], dwb[1]
 

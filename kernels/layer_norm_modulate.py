@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import interpreting, use_triton
+from kernels.dispatch import interpreting, launch, sm_count, use_triton
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def _plan(B, N, C, device):
     else:
         block_n = max(1, min(16, 4096 // block_c))
         warps = 4 if block_c <= 1024 else 8 if block_c <= 4096 else 16
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = sm_count(device)
         nprog = max(1, min(triton.cdiv(4 * sms, B), triton.cdiv(N, block_n)))
         rows = triton.cdiv(triton.cdiv(N, nprog), block_n) * block_n
     return block_n, block_c, rows, triton.cdiv(N, rows), warps
@@ -154,7 +154,7 @@ def _ln_mod_fwd(x, shift, scale, eps):
     mean = torch.empty((B, N), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     bn, bc, rows, nprog, warps = _plan(B, N, C, x.device)
-    _ln_mod_fwd_kernel[(B, nprog)](
+    launch(_ln_mod_fwd_kernel, (B, nprog))(
         x, shift, scale, y, mean, rstd, *x.stride(), *shift.stride(), *scale.stride(),
         N, C, rows, eps, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     return y, mean, rstd  # (B, N, C), (B, N) fp32, (B, N) fp32
@@ -166,7 +166,7 @@ def _ln_mod_bwd(dy, x, scale, mean, rstd):
     dx = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
     bn, bc, rows, nprog, warps = _plan(B, N, C, x.device)
     parts = torch.empty((2, B, nprog, C), device=x.device, dtype=torch.float32)
-    _ln_mod_bwd_kernel[(B, nprog)](
+    launch(_ln_mod_bwd_kernel, (B, nprog))(
         x, dy, scale, mean, rstd, dx, parts[0], parts[1], *x.stride(), *dy.stride(),
         *scale.stride(), N, C, rows, nprog, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     sums = parts.sum(2)  # (2, B, C)
