@@ -82,6 +82,7 @@ class DiTConfig:
     learn_sigma: bool = False
     text_pool: str = "mean"     # the text vector added to the time embedding: mean (the encoder's
                                 # pooled output) | attention (also a learned attention pooling of the tokens)
+    checkpoint: bool = False    # activation checkpointing per block (recomputed in the backward)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class UNetConfig:
     text_dim: int = 384
     groups: int = 8                     # GroupNorm groups
     temporal_kernel: int = 3            # kt of the (2+1)D convs (1: no temporal conv)
+    checkpoint: bool = False            # activation checkpointing per res-block (recomputed in the backward)
 
 
 @dataclass

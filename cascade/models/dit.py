@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from cascade.config import DiTConfig
 from kernels.attention import cross_attention, spacetime_attention
@@ -408,8 +409,12 @@ class VideoDiT(nn.Module):
                           cond["text_mask"].bool()], dim=1)                # (B, 1 + L)
         if self.text_pool is not None:
             emb = emb + self.text_pool(text, mask)                          # (B, C)
+        ckpt = c.checkpoint and torch.is_grad_enabled()                     # dit.checkpoint: per block
         for blk in self.blocks:
-            h = blk(h, emb, text, mask, self.rope, phases)
+            if ckpt:                                   # activations recomputed in the backward
+                h = checkpoint(blk, h, emb, text, mask, self.rope, phases, use_reentrant=False)
+            else:
+                h = blk(h, emb, text, mask, self.rope, phases)
         out = self.final(h.reshape(B, Tp * Hp * Wp, c.hidden), emb)        # (B, N, p*Cout)
         return rearrange(out, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
                          t=Tp, h=Hp, w=Wp, pt=c.patch_t, ph=c.patch_h, pw=c.patch_w)

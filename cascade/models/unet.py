@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from cascade.config import UNetConfig
 from cascade.models.dit import sincos_1d, timestep_embedding
@@ -101,8 +102,14 @@ class ResBlock(nn.Module):
         self.norm2 = Norm(cfg.groups, cout, silu=False, affine=False)
         self.conv2 = Conv2plus1d(cout, cout, 3, kt, zero=True)            # block starts as identity
         self.skip = Conv(cin, cout) if cin != cout else nn.Identity()
+        self.checkpoint = cfg.checkpoint                                 # unet.checkpoint
 
     def forward(self, x, emb):                                           # (B, Cin, T, H, W), (B, E)
+        if self.checkpoint and torch.is_grad_enabled():                  # recomputed in the backward
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x, emb):
         h = self.conv1(self.norm1(x))                                    # (B, Cout, T, H, W)
         scale, shift = self.emb(F.silu(emb))[:, :, None, None, None].chunk(2, dim=1)
         h = F.silu(self.norm2(h) * (1 + scale) + shift)
