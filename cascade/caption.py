@@ -127,7 +127,8 @@ def folder_clips(folder: Path, manifest: str | Path | None) -> list[dict]:
     under the folder, without an original caption."""
     from cascade.data.video_folder import check_inside, read_manifest
     if manifest is None:
-        manifest = next((folder / n for n in ("captions.jsonl", "captions.csv") if (folder / n).is_file()), None)
+        found = [folder / n for n in ("captions.jsonl", "captions.csv") if (folder / n).is_file()]
+        manifest = found[0] if found else None
     elif not Path(manifest).is_file() and (folder / manifest).is_file():
         manifest = folder / manifest
     if manifest is not None:
@@ -201,7 +202,8 @@ def caption_folder(folder: str | Path, model: str | None, frames: int = 3, batch
                 fr = clip_frames(folder / c["path"], frames)
             except Exception as e:                                      # unreadable: no row
                 failed += 1
-                log.warning("caption: skipping %s: %s", c["path"], (str(e).splitlines() or [type(e).__name__])[0])
+                why = (str(e).splitlines() or [type(e).__name__])[0]
+                log.warning("caption: skipping %s: %s", c["path"], why)
                 bar.update(1)
                 continue
             batch.append(c)

@@ -94,8 +94,9 @@ def test_interp_prepare_from_cache_equals_on_the_fly(parts, tmp_path):
     cfg = base_cfg(parts, tmp_path / "run", stage="interp")
     cache = build_cache(cfg, tmp_path / "cache", samples=6, shard_size=4, progress=False)
     stage = build_stage(cfg)
-    fly = stage.prepare(collate([build_dataset(cfg.data)[i] for i in (4, 5)]), sample_generators(0, [4, 5]), "cpu")
-    got = stage.prepare(collate([LatentCache(cache)[i] for i in (4, 5)]), sample_generators(0, [4, 5]), "cpu")
+    clips, cached = build_dataset(cfg.data), LatentCache(cache)
+    fly = stage.prepare(collate([clips[i] for i in (4, 5)]), sample_generators(0, [4, 5]), "cpu")
+    got = stage.prepare(collate([cached[i] for i in (4, 5)]), sample_generators(0, [4, 5]), "cpu")
     assert set(got) == set(fly)
     for k in fly:
         torch.testing.assert_close(got[k], fly[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -108,7 +108,8 @@ def test_training_mixes_recaptions_at_the_ratio_by_seed_and_index(videos):
     for i in range(40):
         s = half[i]
         path = str(Path(s["meta"]["path"]).relative_to(videos))
-        assert s["caption"] == (f"new {path}" if picks[i] else f"original {['a.mp4', 'b.mp4', 'sub/c.mp4'].index(path)}")
+        original = f"original {['a.mp4', 'b.mp4', 'sub/c.mp4'].index(path)}"
+        assert s["caption"] == (f"new {path}" if picks[i] else original)
     assert all(VideoFolder(videos, "captions.jsonl", recaption_ratio=1.0, **kw)[i]["meta"]["recaptioned"]
                for i in range(6))
     from cascade.config import ConfigError, load_config

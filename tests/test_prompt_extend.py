@@ -34,7 +34,8 @@ def test_rule_based_extension_keeps_what_the_prompt_names():
         full = extend_synthetic(short)
         meta = parse_caption(full)                              # in the training captions' grammar
         named = set(short.replace("triangles", "triangle").split())
-        assert {meta["colour"], meta["shape"], *meta["motion"].split(), meta["background"]} >= named - {"a", "on", "background"}
+        kept = {meta["colour"], meta["shape"], *meta["motion"].split(), meta["background"]}
+        assert kept >= named - {"a", "on", "background"}
         assert extend_synthetic(short) == full                  # deterministic
     full = "a red circle moving left on a blue background"
     assert extend_synthetic(full) == full                       # already detailed: unchanged
