@@ -112,10 +112,14 @@ class Captioner:
     def __call__(self, images: list[np.ndarray]) -> list[str]:
         import torch
         inputs = {k: v.to(self.device) for k, v in self._inputs(images).items()}
-        pad = self.tokenizer.pad_token_id
+        kw = dict(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
         with torch.no_grad():
-            ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      num_beams=1, pad_token_id=pad)
+            try:
+                ids = self.model.generate(**inputs, **kw, pad_token_id=self.tokenizer.pad_token_id)
+            except TypeError as e:                   # BLIP's generate sets pad_token_id itself
+                if "pad_token_id" not in str(e):
+                    raise
+                ids = self.model.generate(**inputs, **kw)
         if "input_ids" in inputs and not self.model.config.is_encoder_decoder:
             ids = ids[:, inputs["input_ids"].shape[1]:]       # a decoder-only VLM echoes its prompt
         return [" ".join(t.split()) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

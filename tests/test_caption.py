@@ -115,3 +115,23 @@ def test_training_mixes_recaptions_at_the_ratio_by_seed_and_index(videos):
     from cascade.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="data.recaption_ratio"):
         load_config(None, ["data.recaption_ratio=1.5"])
+
+
+def test_a_blip_captioner_works_too(videos, tmp_path):
+    """An AutoModelForImageTextToText model with its processor (a tiny random BLIP)."""
+    from transformers import (AutoTokenizer, BlipConfig, BlipForConditionalGeneration,
+                              BlipImageProcessor, BlipProcessor)
+    from cascade.text import minilm_path
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    cfg = BlipConfig(vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=32,
+                     text_config=dict(vocab_size=len(tok), encoder_hidden_size=32, **small,
+                                      bos_token_id=tok.cls_token_id, pad_token_id=tok.pad_token_id,
+                                      sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id))
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(cfg).save_pretrained(tmp_path / "blip")
+    BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tok).save_pretrained(tmp_path / "blip")
+    out = caption_folder(videos, str(tmp_path / "blip"), frames=2, mode="tile", max_new_tokens=8,
+                         out=tmp_path / "blip.jsonl", progress=False)
+    rows = read_rows(out)
+    assert len(rows) == 3 and all(r["caption"].strip() for r in rows)
