@@ -153,3 +153,20 @@ def test_half_written_shard_is_refused_then_redone(parts, tmp_path, capsys):
     assert (cache / "shard-00001.safetensors").read_bytes() == good
     torch.testing.assert_close(LatentCache(cache)[5]["latent_mean"], before)
     check_compatible(json.loads((cache / "cache.json").read_text()), cfg, cache)
+
+
+def test_image_steps_from_cache_equal_first_frames_on_the_fly(parts, tmp_path):
+    """W.A.L.T image steps (data.image_fraction) slice a cached batch's latents to frame 0: the
+    same inputs as encoding the clips' first frames (the VAE is causal, norms per frame)."""
+    from cascade.stages import build_stage, sample_generators
+    from cascade.train import FRAME_KEYS
+    cfg = base_cfg(parts, tmp_path / "run")
+    cache = build_cache(cfg, tmp_path / "cache", samples=4, progress=False)
+    stage = build_stage(cfg)
+    first = lambda b: {**b, **{k: b[k][:, :, :1] for k in FRAME_KEYS if k in b}}   # noqa: E731
+    clips, cached = build_dataset(cfg.data), LatentCache(cache)
+    fly = stage.prepare(first(collate([clips[i] for i in range(4)])), sample_generators(0, range(4)), "cpu")
+    got = stage.prepare(first(collate([cached[i] for i in range(4)])), sample_generators(0, range(4)), "cpu")
+    assert got["x0"].shape[2] == 1
+    for k in fly:
+        torch.testing.assert_close(got[k], fly[k], rtol=1e-4, atol=1e-5, msg=k)
