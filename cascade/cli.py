@@ -6,6 +6,7 @@
     cascade eval --stages runs/tiny --num-prompts 32 --out outputs/eval
     cascade cache configs/tiny/base.yaml --out caches/base     encode the data once (data.kind=cache)
     cascade caption videos/ --model PATH                      recaption a folder (DALL-E 3)
+    cascade plan configs/cascade/gpu256.yaml --zero 3 --world 8   training memory per GPU
 
 Errors a user can cause (a bad config key, a missing checkpoint, an empty prompt) end with one
 line naming the problem and exit status 2.
@@ -407,6 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--out", help="output JSONL (default: <folder>/captions_recaptioned.jsonl)")
     cap.add_argument("--no-progress", action="store_true")
     cap.set_defaults(fn=cmd_caption)
+    pl = sub.add_parser("plan", help="per-stage training memory per rank (parameters, optimizer "
+                                     "state, measured activations) and which GPU sizes fit")
+    pl.add_argument("config", help="a cascade YAML (every stage) or one stage YAML")
+    pl.add_argument("--gpu-memory", default="24,80,141", help="GPU sizes in GiB, comma-separated")
+    pl.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default: each config's)")
+    pl.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (DiT stages)")
+    pl.add_argument("--checkpointing", choices=("on", "off"), help="activation checkpointing "
+                    "(default: each config's dit/unet.checkpoint)")
+    pl.add_argument("--world", type=int, default=1, help="ranks (GPUs) in all")
+    pl.add_argument("--batch", type=int, help="micro batch per rank (default: train.batch_size)")
+    pl.set_defaults(fn=lambda a: __import__("cascade.plan", fromlist=["main"]).main(a))
     return p
 
 

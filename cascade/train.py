@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,6 +43,9 @@ from cascade.stages import StageLoss, build_stage, sample_generators  # noqa: E4
 
 
 ds_logger.setLevel(logging.WARNING)                 # keep DeepSpeed's INFO lines off the progress bar
+# ZeRO-3 calls torch's all_gather_into_tensor / reduce_scatter_tensor, deprecated in torch 2.14: noise
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* deprecated",
+                        category=FutureWarning)
 log = logging.getLogger(__name__)
 # the batch tensors with a time axis at dim 2: clips, or their cached latents (cascade cache; the
 # VAE is causal with per-frame norms, so latent frame 0 is the encoding of frame 0 alone)
@@ -83,13 +87,43 @@ def ds_config(cfg: StageConfig, world: int) -> dict:
     }
 
 
+def zero3_params(net: torch.nn.Module) -> list:
+    """The parameters ZeRO-3 has partitioned across the ranks (each rank holds a slice: ds_id)."""
+    return [p for p in net.parameters() if hasattr(p, "ds_id")]
+
+
+def gathered(net: torch.nn.Module):
+    """Context in which net's ZeRO-3 partitioned parameters are whole on every rank (read-only:
+    changes are not written back); a no-op without ZeRO-3."""
+    import contextlib
+    params = zero3_params(net)
+    if not params:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def zero3_leaf_modules(net: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters in its forward hook; modules that read a child's
+    weights directly (F.linear(x, self.q.weight * s), the fused LayerNorm-modulate-linear, the
+    gated projection) would see empty partitions. Making the blocks that do so ZeRO-3 leaves
+    gathers all their parameters at once when the block runs."""
+    from deepspeed.utils import set_z3_leaf_modules
+    from cascade.models import dit, unet
+    classes = [dit.DiTBlock, dit.FinalLayer, dit.AttentionPool, unet.ResBlock, unet.TemporalAttention,
+               unet.CrossAttention]
+    present = [c for c in classes if any(isinstance(m, c) for m in net.modules())]
+    if present:
+        set_z3_leaf_modules(net, present)
+
+
 class EMA:
     """Exponential moving average of the trainable weights (Polyak). With warm-up the decay is
     min(decay, (1 + n) / (10 + n)) at update n, so a short run's EMA is not stuck at its init."""
 
     def __init__(self, net: torch.nn.Module, decay: float, warmup: bool = True):
         self.decay, self.warmup, self.updates = decay, warmup, 0
-        self.shadow = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+        with gathered(net):                            # ZeRO-3: the full tensors, not this rank's part
+            self.shadow = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -99,13 +133,14 @@ class EMA:
     @torch.no_grad()
     def update(self, net: torch.nn.Module) -> None:
         d = self.current_decay()
-        state = net.state_dict()
-        floats = [k for k, v in state.items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_([self.shadow[k] for k in floats],               # one fused pass
-                             [state[k].detach().float() for k in floats], 1 - d)
-        for k, v in state.items():
-            if not v.dtype.is_floating_point:
-                self.shadow[k].copy_(v)
+        with gathered(net):                            # ZeRO-3: every rank keeps the full EMA
+            state = net.state_dict()
+            floats = [k for k, v in state.items() if v.dtype.is_floating_point]
+            torch._foreach_lerp_([self.shadow[k] for k in floats],               # one fused pass
+                                 [state[k].detach().float() for k in floats], 1 - d)
+            for k, v in state.items():
+                if not v.dtype.is_floating_point:
+                    self.shadow[k].copy_(v)
         self.updates += 1
 
     def state(self) -> dict:
@@ -287,7 +322,7 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return [tag for _, tag in sorted(tags, reverse=True)]
 
 
-def check_checkpoint(folder: Path, net: torch.nn.Module) -> None:
+def check_checkpoint(folder: Path, net: torch.nn.Module | dict) -> None:
     """Raise CheckpointError unless folder is an intact checkpoint of this network: its state.json
     sizes match the files, its EMA reads, DeepSpeed's files load weights-only. A checkpoint of
     another architecture raises with `other_model = True` set on the error."""
@@ -307,7 +342,7 @@ def check_checkpoint(folder: Path, net: torch.nn.Module) -> None:
         ema = read_safetensors(folder / "ema.safetensors")
     except (OSError, ValueError) as e:
         raise CheckpointError(str(e)) from None
-    diff = state_mismatch(net.state_dict(), ema)
+    diff = state_mismatch(net if isinstance(net, dict) else net.state_dict(), ema)
     if diff:
         err = CheckpointError(f"train.resume: {folder} is a checkpoint of another model ({diff}): "
                               f"train into a new train.out_dir, or set train.resume=false to start over")
@@ -327,7 +362,7 @@ def resume(engine, ema: EMA, net: torch.nn.Module, ckpt_dir: Path, rank: int, wo
     for tag in tags:
         reason, other = None, False
         try:
-            check_checkpoint(ckpt_dir / tag, net)
+            check_checkpoint(ckpt_dir / tag, ema.shadow if zero3_params(net) else net)  # ZeRO-3: full shapes
         except CheckpointError as e:
             reason, other = str(e), getattr(e, "other_model", False)
         if world > 1:                                    # every process resumes from the same one
@@ -417,6 +452,8 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                             fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
+    if t.zero_stage == 3:
+        zero3_leaf_modules(net)
     engine, opt, _, sched = deepspeed.initialize(model=StageLoss(stage), optimizer=opt,
                                                  lr_scheduler=sched, config=ds_config(cfg, world))
     ema = EMA(net, t.ema_decay, t.ema_warmup)
