@@ -2,8 +2,9 @@
 
 One loop for every stage: deepspeed.initialize (ZeRO stage from config, gradient clipping,
 bf16/fp16 on GPUs), an EMA of the network's weights, a progress bar with loss and throughput, a CSV
-log, DeepSpeed checkpoints every N steps (resumed from the latest), and the EMA weights exported to
-safetensors with the stage's YAML beside them for inference.
+log, DeepSpeed checkpoints every N steps (resumed from the newest intact one, read weights-only:
+no pickle runs code), and the EMA weights exported to safetensors with the stage's YAML beside
+them for inference.
 
 Runs on CPU (gloo, single process or under the `deepspeed` launcher) and on GPUs (nccl). The data a
 process sees is fixed by (step, rank): global sample indices step*G + ... with G the global batch,
