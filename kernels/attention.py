@@ -36,8 +36,13 @@ Known limits
     (72, 96 run as 128). Offsets inside one sequence are 32-bit (a sequence of one batch element
     must span < 2**31 elements); batch offsets are 64-bit. bf16 only runs on a GPU (the interpreter
     cannot do bf16 arithmetic). One fixed block configuration per shape class, no autotuning yet
-    (the interpreter cannot autotune, and no GPU numbers have chosen the list). Causal full attention
-    masks element-wise on every visited tile (it skips only whole tiles after the query's last frame).
+    (the interpreter cannot autotune, and no GPU numbers have chosen the list). Compiled for sm_90
+    with ptxas (tests/kernels/test_gpu_compile.py: every mode, head_dim 64 / 72 / 128, S = 1024,
+    T = 16 and T = 1, the models' layouts): no launch spills registers except the fp32 forward,
+    which spills at most 4 bytes per thread (head_dim 72; ptxas's allocation is not monotonic in
+    the tile, see _config); shared memory at most 80 KB per block in 16-bit, 96 KB in fp32. Causal
+    full attention masks element-wise on every visited tile (it skips only whole tiles after the
+    query's last frame).
     The price of a backward without atomics: K, V are read once per query tile (dQ kernel) and Q, dO
     once per key tile (dK/dV kernel), and S = QK^T is computed in both. varlen's max_seqlen must
     bound the longest example (rows past it are not computed, as in flash-attn); a key_mask row with
@@ -497,11 +502,12 @@ def _config(prob, dtype, pass_):
     would spill registers. fp32 (IEEE dots run on FMA units, their operands in registers) was
     measured with ptxas for sm_90 (tests/kernels/test_gpu_compile.py): the forward at 64 x 64
     spilled 620 bytes per thread at head_dim 64 and 14 KB at 128 (ptxas fell back to 32
-    registers), so it runs 64 x 32 on 8 warps (88 / 114 registers, no spill); the dQ pass at
-    head_dim 72 on 8 warps spilled 4 bytes (ptxas capped it at 80 registers), so fp32 dQ with
-    head_dim > 64 runs on 4 warps. Temporal mode pads T to >= 16 (the smallest dot tile) and gives
-    each program several positions (POS) so that short sequences still make a program's worth of
-    work."""
+    registers), so it runs 64 x 32 on 8 warps (88 / 114 registers, no spill); the dQ pass with
+    head_dim > 64 at 32 x 32 spilled 4 bytes on 8 warps (head_dim 72) and 1164 on 4 warps (head_dim
+    128 read from the VAE's conv layout), so it runs 32 queries x 16 keys on 8 warps. ptxas does not
+    spill monotonically in the tile size: each choice here is a measurement. Temporal mode pads T
+    to >= 16 (the smallest dot tile) and gives each program several positions (POS) so that short
+    sequences still make a program's worth of work."""
     f32 = dtype == torch.float32
     big = f32 or prob.head_dim > 64
     if interpreting():
@@ -509,7 +515,7 @@ def _config(prob, dtype, pass_):
     elif pass_ == "fwd":
         bm, bn = (64, 32) if f32 else ((64 if big else 128), 64)
     elif pass_ == "dq":
-        bm, bn = (32 if big else 64), 32
+        bm, bn = (32 if big else 64), (16 if f32 and prob.head_dim > 64 else 32)
     else:  # dkv: programs over keys, inner loop over queries
         bm, bn = 32, (32 if big else 64)
     if prob.kind == "temporal":
@@ -520,8 +526,6 @@ def _config(prob, dtype, pass_):
     warps = 8 if prob.head_dim > 64 else 4
     if f32 and pass_ == "fwd":
         warps = 8
-    elif f32 and pass_ == "dq" and prob.head_dim > 64:
-        warps = 4
     stages = 3 if pass_ == "fwd" and not big else 2
     return bm, bn, 1, warps, stages
 

@@ -26,7 +26,8 @@ Contract
 Known limits
     The fused forward needs kt <= 3 (the ring is three named registers). On a GPU it runs where it
     pays and fits: 16-bit, Cmid <= 64, Cout <= 128 (the bandwidth-bound widths, see the roofline;
-    its tiles, compiled for sm_90 with ptxas, then spill at most 40 bytes per thread). Elsewhere
+    its tiles, compiled for sm_90 with ptxas (tests/kernels/test_gpu_compile.py), spill no
+    registers and use at most 96 KB of shared memory per block there). Elsewhere
     the forward runs the two conv3d launches and saves h for the backward. The interpreter fuses
     every width up to Cmid = 128 so tests cover the kernel (there each Cout tile recomputes h).
     Time chunks recompute kt-1 halo frames of h each (chunks are only cut on a GPU, to give small
@@ -204,7 +205,7 @@ def _conv2plus1d_fwd_fused(x, ws, bs, wt, bt, causal):
                     memory_format=_memory_format(x))
     if interpreting():
         bm, bn, bk, bc, warps = 256, _tile(cout, 32), _tile(cin, 32), _tile(cmid, 128), 4
-    else:  # compiled for sm_90 with ptxas: <= 40 bytes of register spills up to Cmid 64, Cout 128
+    else:  # compiled for sm_90 with ptxas: no register spills up to Cmid 64, Cout 128
         bm, bn, bk, bc, warps = 64, _tile(cout, 128), _tile(cin, 32), _tile(cmid, 64), 8
     num_s, num_n = triton.cdiv(HO * WO, bm), triton.cdiv(cout, bn)
     t_chunk = triton.cdiv(TO, _time_chunks(x.device, B * num_s * num_n, TO))

@@ -29,7 +29,10 @@ Contract
 Known limits
     One fixed tile configuration per pass and dtype (no autotuning: the interpreter cannot autotune
     and no GPU measurement has chosen a list yet; the tiles were picked by compiling for sm_90 with
-    ptxas: the 16-bit passes spill no registers, fp32 dx / dW spill 128 / 24 bytes; not by timing).
+    ptxas, not by timing). Compiled for sm_90 (tests/kernels/test_gpu_compile.py, every launch at
+    the shapes the models use, ptxas -v): no pass spills registers in fp16, bf16 or fp32 on TF32
+    (PyTorch's default for convs); with torch.backends.cudnn.allow_tf32 off, the IEEE fp32 dx / dW
+    passes spill 32 / 24 bytes per thread; shared memory at most 64 KB per block.
     Offsets inside one batch element are 32-bit (a batch element must span < 2**31 elements);
     batch offsets are 64-bit. Channel tails are masked inside tiles of at least 16 (Cin = 3 runs a
     16-wide K tile, 13/16 of it zeros). The dW pass rereads x and dy once per kernel tap (27x for

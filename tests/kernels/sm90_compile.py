@@ -215,16 +215,16 @@ def _groups():
             _attention_cases(["full"], (64,), (F16, BF16), T=16, S=256)
             + _attention_cases(["full"], (128,), (F32,), T=16, S=256)
             + _attention_cases(["full", "temporal"], (64,), (F16,), T=16, S=256, causal=True)
-            + _attention_cases(["temporal"], (64,), (F16, F32), T=1, S=256, causal=True)
+            + _attention_cases(["temporal"], (64,), (F16,), T=1, S=256, causal=True)       # T = 1
             + _attention_cases(["spatial"], (128,), (F16, F32), layout="conv", T=4, S=1024,
                                heads=1)
-            + _attention_cases(["temporal"], (64,), (F16, F32), layout="conv", T=16, S=1024)
-            + _attention_cases(["spatial"], (64,), (F16,), T=16, S=1)
-            + _tf32(_attention_cases(["spatial"], (64, 128), (F32,)))
-            + _cross_cases((64,), DTYPES) + _cross_cases((128,), (F16, F32))
+            + _attention_cases(["temporal"], (64,), (F16,), layout="conv", T=16, S=1024)
+            + _attention_cases(["spatial"], (64,), (F16,), T=16, S=1)                      # S = 1
+            + _tf32(_attention_cases(["spatial"], (128,), (F32,)))
+            + _cross_cases((64,), (F16, BF16)) + _cross_cases((128,), (F16, F32))
             + _cross_cases((64,), (F16,), layout="conv")
-            + _cross_cases((64,), (F16, F32), N=1)
-            + _varlen_cases((64,), DTYPES) + _varlen_cases((128,), (F32,))
+            + _cross_cases((64,), (F16,), N=1)                                             # N = 1
+            + _varlen_cases((64,), (F16, BF16)) + _varlen_cases((128,), (F32,))
         ),
         "conv3d": (
             _conv3d_cases(DTYPES)
@@ -377,6 +377,8 @@ def main(argv=None):
     p.add_argument("groups", nargs="*", default=list(GROUPS), help=", ".join(GROUPS))
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--kernels", action="store_true",
+                   help="only record: print the names of the kernels the groups launch, as JSON")
     args = p.parse_args(argv)
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
@@ -384,6 +386,9 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         p.error("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
     torch.set_num_threads(1)
+    if args.kernels:
+        print(json.dumps(sorted({launch.kernel.__name__ for *_, launch in record(args.groups)})))
+        return
     t0 = time.time()
     rows = run(args.groups, args.jobs)
     if args.json:
