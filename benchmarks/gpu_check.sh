@@ -77,19 +77,19 @@ collect() { for f in benchmarks/results/"$1".*; do [ -e "$f" ] && cp "$f" "$OUT/
 for part in "${parts[@]}"; do
     case "$part" in
     tests)
-        step tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests ;;
+        step tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests ;;
     kernels)
         step bench_attention 90 "$PY" -m benchmarks.bench_attention --out "$OUT"
-        step bench_conv3d 50 "$PY" -m benchmarks.bench_conv3d
+        step bench_conv3d 45 "$PY" -m benchmarks.bench_conv3d
         collect conv3d
-        step bench_conv2plus1d 40 "$PY" -m benchmarks.bench_conv2plus1d
+        step bench_conv2plus1d 35 "$PY" -m benchmarks.bench_conv2plus1d
         collect conv2plus1d
-        step bench_norms 40 "$PY" -m benchmarks.bench_norms
+        step bench_norms 35 "$PY" -m benchmarks.bench_norms
         collect norms ;;
     e2e)
         for b in train sample peers utilisation scaling; do
             # shellcheck disable=SC2086  # E2E_ARGS: several words on purpose
-            step "e2e_$b" 25 "$PY" -m benchmarks.run_all --only "$b" --out "$OUT" $E2E_ARGS
+            step "e2e_$b" 22 "$PY" -m benchmarks.run_all --only "$b" --out "$OUT" $E2E_ARGS
         done ;;
     esac
 done

@@ -118,3 +118,21 @@ def test_every_kernel_is_launched_by_some_group():
     assert proc.returncode == 0, proc.stderr[-4000:]
     launched = set(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert defined and defined <= launched, f"never launched: {sorted(defined - launched)}"
+
+
+def test_recording_records_launches_without_running_them():
+    """kernels.dispatch.recording: the launchers pick the GPU tiles, record, and compute nothing."""
+    import torch
+
+    from kernels.dispatch import interpreting, recording, sm_count
+    from kernels.layer_norm_modulate import layer_norm_modulate
+
+    was = interpreting()
+    x, mod = torch.randn(2, 5, 1152), torch.randn(2, 2 * 1152)
+    with recording() as launches:
+        assert not interpreting() and sm_count(None) == 132
+        layer_norm_modulate(x, mod[:, :1152], mod[:, 1152:], backend="triton")
+    assert interpreting() == was
+    (launch,) = launches
+    assert launch.kernel.__name__ == "_ln_mod_fwd_kernel" and launch.args[0] is x
+    assert launch.kwargs["BLOCK_C"] == 2048 and launch.kwargs["num_warps"] == 8  # GPU tiles
