@@ -74,7 +74,7 @@ class DiTConfig:
     frames: int = 8             # latent frames the model is trained on (positions extend past it)
     height: int = 8             # latent height
     width: int = 8              # latent width
-    attention: str = "factorised"   # factorised (spatial then temporal in each block) | full
+    attention: str = "factorised"   # factorised (spatial then temporal in each block) | full | hybrid (full, then temporal)
     pos: str = "rope"           # rope (3D RoPE) | sincos
     frame_pos: bool = False     # + absolute in-frame position (dit.FramePosition): where the borders are
     text_dim: int = 384
@@ -186,7 +186,7 @@ class StageConfig:
 STAGES = ("vae", "base", "interp", "sr")
 CHOICES = {
     "data.kind": ("synthetic", "folder", "cache"),   # cache: data.root = a `cascade cache` folder
-    "dit.attention": ("factorised", "full"),
+    "dit.attention": ("factorised", "full", "hybrid"),
     "dit.pos": ("rope", "sincos"),
     "diffusion.schedule": ("cosine", "shifted_cosine"),
     "diffusion.prediction": ("v", "eps", "x0"),

@@ -241,7 +241,10 @@ class DiTBlock(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.factorised = cfg.attention == "factorised"
+        # factorised: spatial, then temporal; full: one spacetime attention; hybrid: full spacetime
+        # attention, then temporal (the factorised block's parameters, so it can start from one)
+        self.factorised = cfg.attention in ("factorised", "hybrid")
+        self.first_mode = "spatial" if cfg.attention == "factorised" else "full"
         self.attn = SelfAttention(cfg)                                   # spatial, or full
         self.temporal = SelfAttention(cfg) if self.factorised else None
         self.norm_cross = nn.LayerNorm(cfg.hidden, eps=1e-6)
@@ -257,7 +260,7 @@ class DiTBlock(nn.Module):
     def forward(self, x, c, text, mask, rope, phases):
         B, T, S, C = x.shape
         mods = self.ada(c).view(B, self.n_mod, C).unbind(1)              # shift, scale, gate: (B, C)
-        x = self.attn(x, *mods[0:3], "spatial" if self.factorised else "full", rope, phases)
+        x = self.attn(x, *mods[0:3], self.first_mode, rope, phases)
         if self.factorised:
             x = self.temporal(x, *mods[3:6], "temporal", rope, phases)
         x = x + self.cross(self.norm_cross(x.reshape(B, T * S, C)), text, mask).view(B, T, S, C)
