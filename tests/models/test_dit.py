@@ -31,7 +31,7 @@ def randomize_zero_init(m):
             p.data.normal_(0, 0.05)
 
 
-@pytest.mark.parametrize("attention_mode", ["factorised", "full"])
+@pytest.mark.parametrize("attention_mode", ["factorised", "full", "hybrid"])
 @pytest.mark.parametrize("pos", ["rope", "sincos"])
 def test_shapes_and_zero_init(attention_mode, pos):
     m = VideoDiT(tiny_cfg(attention=attention_mode, pos=pos))
@@ -100,6 +100,24 @@ def test_spatial_attention_is_within_frame():
     y2 = m(x2, t, c)
     assert not torch.allclose(y[:, :, 0], y2[:, :, 0])
     torch.testing.assert_close(y[:, :, 1:], y2[:, :, 1:])
+
+
+def test_hybrid_takes_factorised_weights_and_mixes_frames_in_its_first_attention():
+    """dit.attention=hybrid has the factorised model's parameters (same state dict), and with the
+    temporal gate zeroed its first attention still carries frame 0 to the other frames, which a
+    factorised model's spatial attention cannot (test above)."""
+    fact = VideoDiT(tiny_cfg(depth=1))
+    randomize_zero_init(fact)
+    hyb = VideoDiT(tiny_cfg(depth=1, attention="hybrid"))
+    hyb.load_state_dict(fact.state_dict())                 # strict: same keys, same shapes
+    with torch.no_grad():
+        C = hyb.cfg.hidden
+        hyb.blocks[0].ada[-1].weight[5 * C:6 * C] = 0
+        hyb.blocks[0].ada[-1].bias[5 * C:6 * C] = 0
+    x, t, c = torch.randn(1, 4, 4, 6, 6), torch.rand(1), cond(B=1)
+    x2 = x.clone()
+    x2[:, :, 0] += 1
+    assert not torch.allclose(hyb(x, t, c)[:, :, 1:], hyb(x2, t, c)[:, :, 1:])
 
 
 def test_rope_is_relative():
