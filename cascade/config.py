@@ -160,6 +160,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_ckpts: int = 2
+    max_bad_steps: int = 10         # steps skipped for a non-finite loss or gradient before the run stops (0: at the first)
     out_dir: str = "runs/stage"
     seed: int = 0
     resume: bool = True             # resume from the latest checkpoint in out_dir if one exists
@@ -223,6 +224,8 @@ def validate(cfg: StageConfig) -> StageConfig:
         raise ConfigError(f"data.recaption_ratio: must be in [0, 1], got {cfg.data.recaption_ratio}")
     if cfg.data.image_fraction and cfg.stage == "interp":
         raise ConfigError("data.image_fraction: the interp stage cannot train on 1-frame clips")
+    if cfg.train.max_bad_steps < 0:
+        raise ConfigError(f"train.max_bad_steps: must be >= 0, got {cfg.train.max_bad_steps}")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage: must be 0..3, got {cfg.train.zero_stage}")
     if len(cfg.vae.temporal_down) != len(cfg.vae.channel_mults) - 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import json
 import logging
 import math
@@ -132,17 +133,22 @@ class EMA:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, net: torch.nn.Module) -> None:
+    def update(self, net: torch.nn.Module) -> bool:
+        """Move the average towards net's weights; False (and nothing changed) when a weight is
+        not finite, so a step that broke the weights never reaches the EMA."""
         d = self.current_decay()
         with gathered(net):                            # ZeRO-3: every rank keeps the full EMA
             state = net.state_dict()
             floats = [k for k, v in state.items() if v.dtype.is_floating_point]
-            torch._foreach_lerp_([self.shadow[k] for k in floats],               # one fused pass
-                                 [state[k].detach().float() for k in floats], 1 - d)
+            weights = [state[k].detach().float() for k in floats]
+            if weights and not torch.isfinite(torch.stack(torch._foreach_norm(weights, float("inf")))).all():
+                return False
+            torch._foreach_lerp_([self.shadow[k] for k in floats], weights, 1 - d)  # one fused pass
             for k, v in state.items():
                 if not v.dtype.is_floating_point:
                     self.shadow[k].copy_(v)
         self.updates += 1
+        return True
 
     def state(self) -> dict:
         return {k: v.contiguous() for k, v in self.shadow.items()}
@@ -156,6 +162,58 @@ class EMA:
         self.shadow = {k: v.float() for k, v in load_file(str(path)).items()}
         with safe_open(str(path), "pt") as f:
             self.updates = int(f.metadata()["updates"])
+
+
+SKIP_STEP = "cascade_skip_step"          # set on the optimizer while the NaN guard skips a step
+
+
+class GuardedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR that stays put on a step the NaN guard skips (as DeepSpeed's own overflow skips
+    do): the schedule counts applied updates, as if the bad batch had not been there."""
+
+    def step(self, *args, **kwargs):
+        if getattr(self.optimizer, SKIP_STEP, False):
+            return
+        super().step(*args, **kwargs)
+
+
+class NonFiniteGuard:
+    """The NaN/inf guard: a step whose loss or gradient is not finite on any process is skipped
+    whole - the optimizer's step is a no-op (weights, Adam moments and step count unchanged), the
+    LR schedule does not advance (GuardedLambdaLR) and train() leaves the EMA alone - and counted.
+
+    The gradient check is a hook on every parameter that sees its local gradient as backward
+    makes it, before DeepSpeed reduces or partitions it, so it holds at every ZeRO stage. fp16
+    (grads=False) leaves gradient overflows to DeepSpeed's loss scaler, which skips those itself.
+    `decide` runs before the last micro batch's engine.step() and agrees across processes."""
+
+    def __init__(self, net: torch.nn.Module, opt, device, grads: bool = True):
+        self.opt = opt
+        self.bad_grad = torch.zeros((), dtype=torch.bool, device=device)
+        if grads:
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.register_hook(self._check)
+        step = opt.step                            # after the LR scheduler has wrapped it
+
+        @functools.wraps(step)                     # keeps the scheduler's mark on it
+        def gated(*args, **kwargs):
+            return None if getattr(opt, SKIP_STEP, False) else step(*args, **kwargs)
+        opt.step = gated
+
+    def _check(self, grad: torch.Tensor) -> None:
+        torch.logical_or(self.bad_grad, ~torch.isfinite(grad).all(), out=self.bad_grad)
+
+    def decide(self, loss_finite: bool, world: int) -> str | None:
+        """Why this step is skipped ('the loss', 'a gradient' is not finite), or None."""
+        flags = torch.stack([torch.tensor(not loss_finite, device=self.bad_grad.device),
+                             self.bad_grad]).float()
+        if world > 1:
+            dist.all_reduce(flags)
+        self.bad_grad.zero_()
+        why = "the loss" if flags[0] > 0 else "a gradient" if flags[1] > 0 else None
+        setattr(self.opt, SKIP_STEP, why is not None)
+        return why
 
 
 def umask() -> int:
@@ -354,9 +412,10 @@ def check_checkpoint(folder: Path, net: torch.nn.Module | dict) -> None:
 
 
 def resume(engine, ema: EMA, net: torch.nn.Module, ckpt_dir: Path, rank: int, world: int,
-           device) -> int:
+           device) -> tuple[int, int]:
     """Load the newest intact checkpoint (a damaged one is passed over with a warning, falling back
-    to the previous kept one) and return its step; 0 when there is none. Every DeepSpeed file is
+    to the previous kept one) and return its step and the steps the NaN guard had skipped by then;
+    (0, 0) when there is none. Every DeepSpeed file is
     read with weights_only_load: a copied or downloaded run folder cannot run code on resume."""
     tags = checkpoint_tags(ckpt_dir) if ckpt_dir.is_dir() else []
     problems = []
@@ -389,7 +448,7 @@ def resume(engine, ema: EMA, net: torch.nn.Module, ckpt_dir: Path, rank: int, wo
             if problems and rank == 0:
                 print(f"warning: resumed from an older checkpoint than the newest "
                       f"({'; '.join(problems)})")
-            return step
+            return step, int(client.get("bad_steps", 0))
         problems.append(f"{tag}: {reason}")
         if rank == 0:
             log.warning("checkpoint %s cannot be used (%s); trying the previous one", ckpt_dir / tag, reason)
@@ -397,7 +456,7 @@ def resume(engine, ema: EMA, net: torch.nn.Module, ckpt_dir: Path, rank: int, wo
         raise CheckpointError(f"train.resume: no usable checkpoint in {ckpt_dir} ({problems[0]}"
                               f"{f'; and {len(problems) - 1} more' if len(problems) > 1 else ''}): "
                               f"set train.resume=false to start over")
-    return 0
+    return 0, 0
 
 
 def trim_log(path: Path, last_step: int) -> None:
@@ -452,14 +511,15 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     # fused: one kernel per step over all parameters (CPU and CUDA), not a dozen ops per tensor
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                             fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
+    sched = GuardedLambdaLR(opt, lr_lambda(t))
+    guard = NonFiniteGuard(net, opt, device, grads=t.precision != "fp16")
     if t.zero_stage == 3:
         zero3_leaf_modules(net)
     engine, opt, _, sched = deepspeed.initialize(model=StageLoss(stage), optimizer=opt,
                                                  lr_scheduler=sched, config=ds_config(cfg, world))
     ema = EMA(net, t.ema_decay, t.ema_warmup)
 
-    start = resume(engine, ema, net, ckpt_dir, rank, world, device) if t.resume else 0
+    start, bad_steps = resume(engine, ema, net, ckpt_dir, rank, world, device) if t.resume else (0, 0)
     if start and rank == 0:
         print(f"resumed from {ckpt_dir}/step{start}")
     log_path = out / "log.csv"
@@ -475,32 +535,26 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     global_batch = t.batch_size * t.grad_accum * world
     tic = time.perf_counter()
     for step in range(start, t.steps):
-        totals: dict[str, float] = {}
-        for micro in range(t.grad_accum):
-            batch = next(batches)
-            if image_step(t.seed, step, cfg.data.image_fraction):              # W.A.L.T joint training
-                batch = {**batch, **{k: batch[k][:, :, :1] for k in FRAME_KEYS if k in batch}}
-            gens = sample_generators(t.seed, step_indices(step, micro, rank, cfg, world))
-            inputs = stage.prepare(batch, gens, device)
-            loss, logs = engine(inputs)
-            engine.backward(loss)
-            engine.step()
-            for k, v in {"loss": loss.detach(), **logs}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / t.grad_accum
-        ema.update(net)
-        if world > 1:                                                    # mean over processes
-            vec = torch.tensor(list(totals.values()), dtype=torch.float64)
-            dist.all_reduce(vec)
-            totals = dict(zip(totals, (vec / world).tolist()))
-        if not math.isfinite(totals["loss"]):
-            tags = checkpoint_tags(ckpt_dir) if ckpt_dir.is_dir() else []
-            kept = f"the checkpoint {ckpt_dir / tags[0]} is kept" if tags else "no checkpoint was written"
-            raise FloatingPointError(f"the loss became {totals['loss']} at step {step + 1} ({kept}; "
-                                     f"a lower train.lr or train.grad_clip may help)")
+        totals, why = train_step(engine, stage, guard, batches, cfg, step, rank, world, device)
+        if why is None and engine.was_step_applied() and not ema.update(net):
+            raise FloatingPointError(f"the weights became non-finite at step {step + 1} (its loss "
+                                     f"and gradients were finite; {kept_checkpoint(ckpt_dir)}; a "
+                                     f"lower train.lr may help)")
+        if why is not None:
+            bad_steps += 1
+            if bad_steps > t.max_bad_steps:
+                raise FloatingPointError(
+                    f"{why} became {'non-finite' if why != 'the loss' else totals['loss']} at step "
+                    f"{step + 1}: {bad_steps} step(s) skipped for a non-finite loss or gradient, "
+                    f"more than train.max_bad_steps={t.max_bad_steps} ({kept_checkpoint(ckpt_dir)}; "
+                    f"a lower train.lr or train.grad_clip may help)")
+            if rank == 0:
+                tqdm.write(f"step {step + 1}: {why} is not finite: step skipped ({bad_steps} of at "
+                           f"most train.max_bad_steps={t.max_bad_steps})")
         elapsed = time.perf_counter() - tic
         tic = time.perf_counter()
         row = {"step": step + 1, **totals, "lr": sched.get_last_lr()[0],
-               "samples_per_s": global_batch / max(elapsed, 1e-9)}
+               "samples_per_s": global_batch / max(elapsed, 1e-9), "skipped": bad_steps}
         if rank == 0:
             if step == start:                          # a step ran: this config is the run's now
                 save_config(cfg, out / "config.yaml")
@@ -510,7 +564,7 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
                                 samples_s=f"{row['samples_per_s']:.1f}")
         bar.update(1)
         if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
-            save_checkpoint(engine, ema, ckpt_dir, step + 1, rank, t.keep_ckpts, cfg)
+            save_checkpoint(engine, ema, ckpt_dir, step + 1, rank, t.keep_ckpts, cfg, bad_steps)
     bar.close()
     export_dir = out / "export"
     if rank == 0:
@@ -527,17 +581,54 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     return export_dir
 
 
+def train_step(engine, stage, guard: NonFiniteGuard, batches, cfg: StageConfig, step: int, rank: int,
+               world: int, device) -> tuple[dict, str | None]:
+    """One optimizer step over train.grad_accum micro batches -> (the losses averaged over micro
+    batches and processes, why the NaN guard skipped the step or None)."""
+    t, totals, loss_finite, why = cfg.train, {}, True, None
+    for micro in range(t.grad_accum):
+        batch = next(batches)
+        if image_step(t.seed, step, cfg.data.image_fraction):              # W.A.L.T joint training
+            batch = {**batch, **{k: batch[k][:, :, :1] for k in FRAME_KEYS if k in batch}}
+        gens = sample_generators(t.seed, step_indices(step, micro, rank, cfg, world))
+        inputs = stage.prepare(batch, gens, device)
+        loss, logs = engine(inputs)
+        engine.backward(loss)
+        values = {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
+        loss_finite = loss_finite and math.isfinite(values["loss"])
+        if micro == t.grad_accum - 1:
+            why = guard.decide(loss_finite, world)     # before the optimizer step, on every process
+        engine.step()
+        for k, v in values.items():
+            totals[k] = totals.get(k, 0.0) + v / t.grad_accum
+    if world > 1:                                                        # mean over processes
+        vec = torch.tensor(list(totals.values()), dtype=torch.float64)
+        dist.all_reduce(vec)
+        totals = dict(zip(totals, (vec / world).tolist()))
+    return totals, why
+
+
+def kept_checkpoint(ckpt_dir: Path) -> str:
+    tags = checkpoint_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+    return f"the checkpoint {ckpt_dir / tags[0]} is kept" if tags else "no checkpoint was written"
+
+
 def write_log_row(path: Path, row: dict) -> None:
+    """Append a row to log.csv; a log begun by an older version keeps its own columns."""
     new = not path.is_file()
+    fields = list(row)
+    if not new:
+        with path.open(newline="") as f:
+            fields = next(csv.reader(f), None) or fields
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
 
 
 def save_checkpoint(engine, ema: EMA, ckpt_dir: Path, step: int, rank: int, keep: int,
-                    cfg: StageConfig | None = None) -> None:
+                    cfg: StageConfig | None = None, bad_steps: int = 0) -> None:
     """DeepSpeed checkpoint (model, optimizer, scheduler, step) + the EMA and the stage config
     beside it, then state.json (the step and every file's size: a truncated file is found without
     reading it). The `latest` pointer moves only after all of it is written, so a kill mid-save
@@ -545,8 +636,13 @@ def save_checkpoint(engine, ema: EMA, ckpt_dir: Path, step: int, rank: int, keep
     and raises a one-line OSError; the previous checkpoints are kept."""
     tag = f"step{step}"
     folder = ckpt_dir / tag
+    if rank == 0 and folder.exists():              # a killed save's partial folder: none of its files
+        shutil.rmtree(folder, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "bad_steps": bad_steps},
+                               save_latest=False)
         if dist.is_initialized():
             dist.barrier()                             # every process's files are written
         if rank == 0:

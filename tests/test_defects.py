@@ -168,8 +168,9 @@ def test_nan_loss_is_one_line(tmp_path, monkeypatch, capsys):
         loss, logs = real(self, net, inputs)
         return loss * float("nan"), logs
     monkeypatch.setattr(VAEStage, "loss", nan_loss)
-    assert main(train_argv(tmp_path / "nan", "train.steps=2")) == 2
-    assert "loss became nan at step 1" in one_line(capsys)
+    assert main(train_argv(tmp_path / "nan", "train.steps=2", "train.max_bad_steps=0")) == 2
+    assert "loss became nan at step 1" in one_line(capsys)       # the NaN guard's limit: tests/test_nan_guard.py
+    assert not (tmp_path / "nan" / "config.yaml").exists()
 
 
 def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous(run, monkeypatch, capsys):
