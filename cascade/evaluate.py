@@ -369,6 +369,13 @@ def _heldout(data_cfg, clips: int) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([s["video"] for s in items]), [s["caption"] for s in items]
 
 
+def _snr_db(x, ref) -> float:
+    """Mean over clips of 10 log10(||ref||^2 / ||x - ref||^2): x, ref (N, ...) latents, whose
+    range has no fixed peak for a PSNR."""
+    err = (x.float() - ref.float()).square().flatten(1).mean(1)
+    return float((10 * torch.log10(ref.float().square().flatten(1).mean(1) / err.clamp_min(1e-12))).mean())
+
+
 def _mean_psnr(a, b) -> float:
     from cascade.losses import psnr
     return float(psnr(a.cpu(), b.cpu()).mean())
@@ -382,7 +389,9 @@ def stage_quality(pipe, sampling: dict, clips: int = 8, seed: int = 0, lp=None) 
     vae:    reconstruction (posterior mode) PSNR, and LPIPS per frame when lp is given.
     interp: the true clip encoded, its keyframe latents (slots 0, r, 2r, ...) interpolated by the
             stage, decoded: PSNR against the true frames; baselines: the keyframe latents
-            interpolated linearly in time, and the VAE reconstruction (the ceiling).
+            interpolated linearly in time, and the VAE reconstruction (the ceiling). Also the
+            in-between latents' SNR against the true latents (dB; uncapped by the decoder) and the
+            share of decoded clips with one object in every frame (`analyse`), each beside lerp's.
     sr:     the true clip brought down as the stage's training does (`downsample_video`, sr.scale
             and sr.downsample), super-resolved: PSNR against the truth; baseline: bilinear
             upsampling (`upsample_video`, what the stage is conditioned on)."""
@@ -407,9 +416,16 @@ def stage_quality(pipe, sampling: dict, clips: int = 8, seed: int = 0, lp=None) 
                                    gen, False)                                   # (N, C, F, h, w)
         lerp = keyframe_lerp(keys, r)                                             # (N, C, F, h, w)
         dec = lambda x: vae.decode_latents(x).clamp(-1, 1)  # noqa: E731
-        out["interp"] = {"psnr": _mean_psnr(dec(filled), videos),
-                         "baseline_lerp_psnr": _mean_psnr(dec(lerp), videos),
-                         "vae_ceiling_psnr": _mean_psnr(dec(z), videos)}
+        frames = {"": dec(filled), "baseline_lerp_": dec(lerp), "vae_ceiling_": dec(z)}
+        out["interp"] = {f"{k}psnr": _mean_psnr(v, videos) for k, v in frames.items()}
+        # the stage itself, not capped by the decoder: the in-between latents against the true
+        # ones, and what a viewer counts (one object in every decoded frame)
+        between = torch.ones(z.shape[2], dtype=torch.bool)
+        between[::r] = False
+        out["interp"]["latent_snr_db"] = _snr_db(filled[:, :, between], z[:, :, between])
+        out["interp"]["baseline_lerp_latent_snr_db"] = _snr_db(lerp[:, :, between], z[:, :, between])
+        for k, v in frames.items():
+            out["interp"][f"{k}one_object"] = sum(analyse(x)["one_object"] for x in v.cpu()) / len(v)
     if pipe.sr is not None:
         st = pipe.sr
         videos, captions = _heldout(st.cfg.data, clips)
