@@ -174,19 +174,27 @@ def cross_attention_ref(q, k, v, key_mask=None, scale=None, upcast=False, fast=F
     return o.transpose(1, 2).to(dtype)
 
 
-def varlen_attention_ref(q, k, v, cu_seqlens, scale=None, upcast=False):
+def varlen_attention_ref(q, k, v, cu_seqlens, scale=None, upcast=False, fast=False):
     """NaViT packed attention: q, k, v (total, H, D); cu_seqlens (n+1,) -> (total, H, D).
 
-    Example j owns tokens cu_seqlens[j]:cu_seqlens[j+1] and attends only to them."""
+    Example j owns tokens cu_seqlens[j]:cu_seqlens[j+1] and attends only to them. The examples of
+    one length are gathered into one batch, one attention call per distinct length (a packed DiT
+    has thousands of short examples per call: one per frame, per position or per window)."""
     dtype = q.dtype
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
-    bounds = cu_seqlens.tolist()
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        qq, kk, vv = (x[a:b].transpose(0, 1) for x in (q, k, v))  # (H, n_j, D)
-        outs.append(F.scaled_dot_product_attention(qq, kk, vv, scale=scale).transpose(0, 1))
-    return torch.cat(outs).to(dtype)  # (total, H, D)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.long)
+    lens = cu[1:] - cu[:-1]                                             # (n,)
+    outs, rows = [], []
+    for n in torch.unique(lens[lens > 0]).tolist():
+        idx = cu[:-1][lens == n][:, None] + torch.arange(n, device=q.device)  # (m, n) token rows
+        qq, kk, vv = (x[idx].transpose(1, 2) for x in (q, k, v))       # (m, H, n, D)
+        outs.append(_sdpa(qq, kk, vv, scale=scale, fast=fast).transpose(1, 2).flatten(0, 1))
+        rows.append(idx.flatten())
+    if not outs:
+        return q.new_zeros(q.shape).to(dtype)
+    o, rows = torch.cat(outs), torch.cat(rows)                          # (total, H, D) in length order
+    return torch.zeros_like(o).index_copy(0, rows, o).to(dtype)         # (total, H, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -715,4 +723,4 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
                         lk=int(max_seqlen), l_inner=1, split=False, heads=H, head_dim=D,
                         scale=_scale(scale, D), group=0, causal=False, cu_seqlens=cu, total=total)
         return _FlashAttention.apply(q, k, v, prob)
-    return varlen_attention_ref(q, k, v, cu_seqlens, scale)
+    return varlen_attention_ref(q, k, v, cu_seqlens, scale, fast=True)
