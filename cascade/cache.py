@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from cascade.checksums import file_sha256
 from cascade.config import ConfigError, StageConfig
-from cascade.data.cache import (CACHEABLE_STAGES, MANIFEST, VERSION, CacheError, file_sha256,
-                                read_manifest, shard_name, text_fingerprint, vae_fingerprint,
-                                write_manifest)
+from cascade.data.cache import (CACHEABLE_STAGES, MANIFEST, VERSION, CacheError, read_manifest,
+                                shard_name, text_fingerprint, vae_fingerprint, write_manifest)
 
 
 def default_samples(cfg: StageConfig, dataset) -> int:

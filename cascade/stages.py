@@ -97,14 +97,18 @@ def read_safetensors(path: str | Path) -> dict:
 def load_export(folder: str | Path, expect_stage: str | None = None):
     """An exported stage folder (config.yaml + model.safetensors) -> (StageConfig, state dict).
 
-    The weights are checked against the network the config describes (built on the meta device,
-    no memory), so a config that does not match its weights is one line naming the first
-    tensor that differs, not a page of load_state_dict errors."""
+    Its files are first checked against the SHA-256s of its SHA256SUMS when it has one
+    (cascade/checksums.py; exports before checksums load unchecked), so a changed or half-copied
+    file is one line naming it. The weights are then checked against the network the config
+    describes (built on the meta device, no memory), so a config that does not match its weights
+    is one line naming the first tensor that differs, not a page of load_state_dict errors."""
+    from cascade.checksums import verify_checksums
     folder = Path(folder)
     cfg_path, weights = folder / "config.yaml", folder / "model.safetensors"
     for p in (cfg_path, weights):
         if not p.is_file():
             raise FileNotFoundError(f"missing checkpoint file: {p}")
+    verify_checksums(folder)
     cfg = load_config(cfg_path)
     if expect_stage and cfg.stage != expect_stage:
         raise ConfigError(f"{folder}: holds a '{cfg.stage}' stage, expected '{expect_stage}'")

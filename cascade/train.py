@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from cascade.checksums import write_checksums  # noqa: E402
 from cascade.config import StageConfig, save_config  # noqa: E402
 from cascade.data import build_dataset, collate  # noqa: E402
 from cascade.stages import StageLoss, build_stage, sample_generators  # noqa: E402
@@ -235,15 +236,34 @@ def chmod_default(path: Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())
 
 
+def swap_paths(a: Path, b: Path) -> bool:
+    """Exchange two existing paths in one step: renameat2(RENAME_EXCHANGE) (Linux >= 3.15, glibc
+    >= 2.28), so there is no moment at which neither exists. False where the system or the file
+    system cannot (the caller then renames twice)."""
+    import ctypes
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def export(cfg: StageConfig, state: dict, folder: Path, metrics: dict | None = None) -> Path:
     """Weights -> folder/model.safetensors, the stage config -> folder/config.yaml (and the
-    stage's held-out metrics -> folder/metrics.json). The folder is replaced as a whole: all of
-    it is written to a temporary folder beside it, which is then renamed into its place, so the
-    config, metrics and weights always come from the same export (a kill leaves the old one or
-    the new one, never a mix, and never a metrics.json of an earlier export)."""
+    stage's held-out metrics -> folder/metrics.json), and the SHA-256 of each -> folder/SHA256SUMS
+    (cascade/checksums.py; load_export verifies them). The folder is replaced as a whole: all of
+    it is written to a temporary folder beside it, which then takes its place in one rename
+    (`swap_paths`), so the config, metrics and weights always come from the same export and a kill
+    at any moment leaves the old export or the new one, never a mix and never none. Where the
+    system cannot swap, the old folder is renamed aside first; a kill between the two renames
+    leaves it aside, and the next export puts it back before it starts."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in (*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")):
+    aside = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside and not (folder.exists() or folder.is_symlink()):
+        aside.pop().rename(folder)                                          # killed between renames
+    for stale in (*folder.parent.glob(f".{folder.name}.tmp-*"), *aside):
         shutil.rmtree(stale, ignore_errors=True)                            # a killed export's leftovers
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     old = None
@@ -252,13 +272,18 @@ def export(cfg: StageConfig, state: dict, folder: Path, metrics: dict | None = N
         save_config(cfg, tmp / "config.yaml")
         if metrics:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_checksums(tmp)
         for p in (*tmp.iterdir(), tmp):
             chmod_default(p)
-        if folder.exists() or folder.is_symlink():
+        if not (folder.exists() or folder.is_symlink()):
+            tmp.rename(folder)
+        elif swap_paths(tmp, folder):
+            old = tmp                                                       # now holds the old export
+        else:
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(old)
-        tmp.rename(folder)
-    except BaseException:
+            tmp.rename(folder)
+    except BaseException:                      # (nothing raises after a swap: old is not tmp here)
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not folder.exists():
             old.rename(folder)                                              # put the old one back

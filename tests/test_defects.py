@@ -195,11 +195,12 @@ def test_export_is_replaced_whole_with_the_users_umask(tmp_path, monkeypatch):
     old_mask = os.umask(0o022)
     try:
         folder = export(cfg, state, tmp_path / "export", {"psnr": 1.0})
-        for p in (folder / "model.safetensors", folder / "config.yaml", folder / "metrics.json"):
+        for p in (folder / "model.safetensors", folder / "config.yaml", folder / "metrics.json",
+                  folder / "SHA256SUMS"):
             assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755
         export(cfg, {"w": torch.zeros(3)}, folder)                         # no metrics this time
-        assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "model.safetensors"]
+        assert sorted(p.name for p in folder.iterdir()) == ["SHA256SUMS", "config.yaml", "model.safetensors"]
 
         import cascade.train as train_mod
 

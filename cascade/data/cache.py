@@ -37,6 +37,8 @@ import torch
 from safetensors.torch import load as load_bytes
 from torch.utils.data import Dataset
 
+from cascade.checksums import file_sha256
+
 MANIFEST = "cache.json"
 VERSION = 1
 CACHEABLE_STAGES = ("base", "interp")       # the latent stages; vae and sr train on pixels
@@ -44,14 +46,6 @@ CACHEABLE_STAGES = ("base", "interp")       # the latent stages; vae and sr trai
 
 class CacheError(ValueError):
     """A cache that cannot be used (damaged, incomplete, made with other encoders); one line."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def vae_fingerprint(vae_dir: str | Path) -> dict:
