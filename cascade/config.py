@@ -32,6 +32,10 @@ class DataConfig:
     image_fraction: float = 0.0  # W.A.L.T joint training: share of 1-frame clips (0 = video only)
     recaption_manifest: str = ""  # kind=folder: a `cascade caption` manifest (path, caption, original_caption)
     recaption_ratio: float = 0.0  # share of samples that take the recaption, by (seed, index) (DALL-E 3: 0.95)
+    # [[frames, height, width], ...] pixels: train at these shapes, one per batch (cascade/data/buckets.py);
+    # empty: every clip is data.frames x data.height x data.width
+    buckets: list[list[int]] = field(default_factory=list)
+    bucket_max_crop: float = 0.25  # a bucket may cut away at most this share of a video's picture
 
 
 @dataclass
@@ -224,6 +228,7 @@ def validate(cfg: StageConfig) -> StageConfig:
         raise ConfigError(f"data.recaption_ratio: must be in [0, 1], got {cfg.data.recaption_ratio}")
     if cfg.data.image_fraction and cfg.stage == "interp":
         raise ConfigError("data.image_fraction: the interp stage cannot train on 1-frame clips")
+    _validate_buckets(cfg)
     if cfg.train.max_bad_steps < 0:
         raise ConfigError(f"train.max_bad_steps: must be >= 0, got {cfg.train.max_bad_steps}")
     if not 0 <= cfg.train.zero_stage <= 3:
@@ -250,6 +255,34 @@ def validate(cfg: StageConfig) -> StageConfig:
     if cfg.stage == "sr":
         _validate_sr(cfg)
     return cfg
+
+
+def _validate_buckets(cfg: StageConfig) -> None:
+    """data.buckets: [frames, height, width] entries whose sizes the stage's networks can take."""
+    from cascade.data.buckets import parse_buckets
+    d = cfg.data
+    if not 0 <= d.bucket_max_crop < 1:
+        raise ConfigError(f"data.bucket_max_crop: must be in [0, 1), got {d.bucket_max_crop}")
+    try:
+        buckets = parse_buckets(d.buckets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if buckets and d.kind == "cache":
+        raise ConfigError("data.buckets: a cache holds one shape; bucket the data it is made from")
+    spatial = 1 if cfg.stage == "sr" else 2 ** (len(cfg.vae.channel_mults) - 1)
+    if cfg.stage in ("base", "interp"):
+        spatial = (spatial * cfg.dit.patch_h, spatial * cfg.dit.patch_w)
+    else:
+        spatial = (spatial, spatial)
+    for i, (T, H, W) in enumerate(buckets):
+        if H % spatial[0] or W % spatial[1]:
+            raise ConfigError(f"data.buckets[{i}]: {H}x{W} is not divisible by {spatial[0]}x{spatial[1]} "
+                              f"(the VAE's downsampling x the patch size)")
+        if cfg.stage == "interp" and interp_frames_error(T, cfg.interp.rate):
+            raise ConfigError(f"data.buckets[{i}]: {interp_frames_error(T, cfg.interp.rate)}")
+        if cfg.stage in ("base", "interp") and T % cfg.dit.patch_t:
+            raise ConfigError(f"data.buckets[{i}]: {T} frames are not divisible by dit.patch_t="
+                              f"{cfg.dit.patch_t}")
 
 
 def interp_frames_error(frames: int, rate: int) -> str | None:

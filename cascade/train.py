@@ -42,6 +42,7 @@ from tqdm import tqdm  # noqa: E402
 from cascade.checksums import write_checksums  # noqa: E402
 from cascade.config import StageConfig, save_config  # noqa: E402
 from cascade.data import build_dataset, collate  # noqa: E402
+from cascade.data.buckets import BucketSampler, data_position, histogram  # noqa: E402
 from cascade.stages import StageLoss, build_stage, sample_generators  # noqa: E402
 
 
@@ -437,7 +438,7 @@ def check_checkpoint(folder: Path, net: torch.nn.Module | dict) -> None:
 
 
 def resume(engine, ema: EMA, net: torch.nn.Module, ckpt_dir: Path, rank: int, world: int,
-           device) -> tuple[int, int]:
+           device, data: dict | None = None) -> tuple[int, int]:
     """Load the newest intact checkpoint (a damaged one is passed over with a warning, falling back
     to the previous kept one) and return its step and the steps the NaN guard had skipped by then;
     (0, 0) when there is none. Every DeepSpeed file is
@@ -469,6 +470,11 @@ def resume(engine, ema: EMA, net: torch.nn.Module, ckpt_dir: Path, rank: int, wo
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load the checkpoint {ckpt_dir / tag}")
             step = int(client["step"])
+            if data is not None and client.get("data") and client["data"] != data:  # another stream
+                raise CheckpointError(f"train.resume: {ckpt_dir / tag} was written with another data "
+                                      f"stream ({client['data']}, now {data}): the resumed run would "
+                                      f"draw other batches; restore data.buckets / data.seed or use "
+                                      f"a new train.out_dir")
             ema.load(ckpt_dir / tag / "ema.safetensors")
             if problems and rank == 0:
                 print(f"warning: resumed from an older checkpoint than the newest "
@@ -525,6 +531,11 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     skipped = len(getattr(dataset, "skipped", ()))
     if rank == 0 and skipped:
         print(f"data: {dataset.summary()}")
+    if rank == 0 and cfg.data.buckets:                 # frames x height x width: videos
+        members = dataset.bucket_members
+        print("data: buckets " + (histogram(members, dataset.buckets) if members is not None else
+                                  f"{', '.join('x'.join(map(str, b)) for b in dataset.buckets)} "
+                                  f"(synthetic: every clip renders at any bucket)"))
     torch.manual_seed(t.seed)                                            # same init on every rank
     stage = build_stage(cfg, device)
     net = stage.net.to(device)
@@ -544,7 +555,9 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
                                                  lr_scheduler=sched, config=ds_config(cfg, world))
     ema = EMA(net, t.ema_decay, t.ema_warmup)
 
-    start, bad_steps = resume(engine, ema, net, ckpt_dir, rank, world, device) if t.resume else (0, 0)
+    position = data_position(cfg, dataset)              # with the step: where the data stream is
+    start, bad_steps = resume(engine, ema, net, ckpt_dir, rank, world, device, position) \
+        if t.resume else (0, 0)
     if start and rank == 0:
         print(f"resumed from {ckpt_dir}/step{start}")
     log_path = out / "log.csv"
@@ -552,8 +565,9 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         trim_log(log_path, start)                      # the steps past the checkpoint run again
 
-    loader = DataLoader(dataset, batch_sampler=StepSampler(cfg, start, rank, world), collate_fn=collate,
-                        num_workers=t.num_workers)
+    sampler = BucketSampler(dataset.bucket_members, len(dataset.buckets), len(dataset), cfg, start,
+                            rank, world) if cfg.data.buckets else StepSampler(cfg, start, rank, world)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=t.num_workers)
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and rank == 0),
                desc=f"train {cfg.stage}", dynamic_ncols=True)
     batches = iter(loader)
@@ -589,7 +603,7 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
                                 samples_s=f"{row['samples_per_s']:.1f}")
         bar.update(1)
         if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
-            save_checkpoint(engine, ema, ckpt_dir, step + 1, rank, t.keep_ckpts, cfg, bad_steps)
+            save_checkpoint(engine, ema, ckpt_dir, step + 1, rank, t.keep_ckpts, cfg, bad_steps, position)
     bar.close()
     export_dir = out / "export"
     if rank == 0:
@@ -653,7 +667,7 @@ def write_log_row(path: Path, row: dict) -> None:
 
 
 def save_checkpoint(engine, ema: EMA, ckpt_dir: Path, step: int, rank: int, keep: int,
-                    cfg: StageConfig | None = None, bad_steps: int = 0) -> None:
+                    cfg: StageConfig | None = None, bad_steps: int = 0, data: dict | None = None) -> None:
     """DeepSpeed checkpoint (model, optimizer, scheduler, step) + the EMA and the stage config
     beside it, then state.json (the step and every file's size: a truncated file is found without
     reading it). The `latest` pointer moves only after all of it is written, so a kill mid-save
@@ -666,7 +680,7 @@ def save_checkpoint(engine, ema: EMA, ckpt_dir: Path, step: int, rank: int, keep
     if dist.is_initialized():
         dist.barrier()
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "bad_steps": bad_steps},
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "bad_steps": bad_steps, "data": data or {}},
                                save_latest=False)
         if dist.is_initialized():
             dist.barrier()                             # every process's files are written

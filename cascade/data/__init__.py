@@ -16,20 +16,24 @@ HELDOUT_SEED_OFFSET = 1_000_003   # the synthetic held-out split draws from a di
 
 
 def build_dataset(data_cfg: DataConfig, split: str = "train"):
-    """DataConfig -> data set. split="val": synthetic uses seed + 1_000_003; a folder gives its
-    held-out videos (data.val_manifest, else the data.val_fraction of the manifest's rows that
-    split="train" leaves out), never its training clips."""
+    """DataConfig -> data set. split="train" takes data.buckets' shapes when it lists any;
+    split="val" keeps data.frames x height x width (held-out clips stack): synthetic uses
+    seed + 1_000_003; a folder gives its held-out videos (data.val_manifest, else the
+    data.val_fraction of the manifest's rows that split="train" leaves out), never its training clips."""
     if split not in SPLITS:
         raise ValueError(f"split: '{split}' is not one of {', '.join(SPLITS)}")
     d = data_cfg
     if d.kind == "synthetic":
         seed = d.seed + (HELDOUT_SEED_OFFSET if split == "val" else 0)
-        return SyntheticVideos(d.frames, d.height, d.width, seed=seed, fps=d.fps)
+        return SyntheticVideos(d.frames, d.height, d.width, seed=seed, fps=d.fps,
+                               buckets=d.buckets if split == "train" else None)
     if d.kind == "folder":
         for key in ("root", "manifest"):
             if not getattr(d, key):
                 raise ConfigError(f"data.{key}: needed when data.kind=folder")
         common = dict(frames=d.frames, height=d.height, width=d.width, fps=d.fps, seed=d.seed)
+        if split == "train" and d.buckets:         # held-out clips: one shape, so they stack
+            common.update(buckets=d.buckets, bucket_max_crop=d.bucket_max_crop)
         if split == "train" and d.recaption_ratio > 0:   # held-out clips keep their own captions
             if not d.recaption_manifest:
                 raise ConfigError("data.recaption_manifest: needed when data.recaption_ratio > 0 "

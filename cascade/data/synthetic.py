@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cascade.data.buckets import parse_buckets
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {                      # name -> RGB (0..255), well separated
     "red": (220, 30, 30),
@@ -211,12 +213,15 @@ class SyntheticVideos(Dataset):
     T=1 gives an image (its first frame).
     """
 
-    def __init__(self, frames: int, height: int, width: int, seed: int = 0, fps: float = REF_FPS):
+    def __init__(self, frames: int, height: int, width: int, seed: int = 0, fps: float = REF_FPS,
+                 buckets: list | None = None):
         if min(frames, height, width, fps) <= 0:
             raise ValueError(f"frames, height, width, fps must be positive, got {frames}, {height}, "
                              f"{width}, {fps}")
         self.frames, self.height, self.width, self.seed = frames, height, width, seed
         self.time_scale = fps / REF_FPS                  # motion per frame shrinks at higher fps
+        self.buckets = parse_buckets(buckets) if buckets else []   # any index renders at any bucket
+        self.bucket_members = None
 
     def __len__(self) -> int:
         return 2 ** 31
@@ -226,8 +231,12 @@ class SyntheticVideos(Dataset):
         rng = np.random.default_rng((self.seed, index))
         return place(sample_meta(rng), rng, self.frames, self.height, self.width, self.time_scale)
 
-    def __getitem__(self, index: int) -> dict:
-        meta = self.meta(int(index))
-        video = render(meta, self.frames, self.height, self.width)        # (3, T, H, W)
+    def __getitem__(self, index) -> dict:
+        """index: an int, or (int, bucket) from a BucketSampler: the clip at the bucket's shape."""
+        index, bucket = index if isinstance(index, tuple) else (index, None)
+        T, H, W = self.buckets[bucket] if bucket is not None else (self.frames, self.height, self.width)
+        rng = np.random.default_rng((self.seed, int(index)))
+        meta = place(sample_meta(rng), rng, T, H, W, self.time_scale)
+        video = render(meta, T, H, W)                                        # (3, T, H, W)
         caption = make_caption(meta["shape"], meta["colour"], meta["motion"], meta["background"])
         return {"video": video, "caption": caption, "meta": meta}

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cascade.data.buckets import assign, parse_buckets
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ("path", "caption")
@@ -108,13 +110,34 @@ def heldout_rows(paths: list[str], fraction: float) -> set[int]:
     return set(order[:k])
 
 
-def probe_video(path: Path) -> None:
-    """Raise if the file has no video stream or no frame decodes (the construction-time check)."""
+def stream_timing(container, stream, fps: float) -> tuple[float, float, float]:
+    """-> (source frame rate, first timestamp, duration), in frames per second and seconds."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    src_fps = float(rate) if rate else (fps or 25.0)
+    tb = stream.time_base
+    t0 = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
+    if stream.duration and tb:
+        duration = float(stream.duration * tb)
+    elif container.duration:
+        duration = container.duration / av.time_base
+    else:
+        duration = stream.frames / src_fps if stream.frames else 0.0
+    return src_fps, t0, duration
+
+
+def probe_video(path: Path, fps: float = 0.0) -> dict:
+    """Raise if the file has no video stream or no frame decodes (the construction-time check);
+    else {height, width, frames}: the frame size and how many frames a clip at `fps` (0: the
+    source rate) can take from it (1 for a still image)."""
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
-        for _ in container.decode(container.streams.video[0]):
-            return
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            src_fps, _, duration = stream_timing(container, stream, fps)
+            fps = fps or src_fps
+            frames = int(math.floor(max(0.0, duration - 1 / src_fps) * fps + 1e-6)) + 1
+            return {"height": frame.height, "width": frame.width, "frames": frames}
     raise ValueError("no frames decoded")
 
 
@@ -160,17 +183,9 @@ def decode_clip(path: str | Path, frames: int, fps: float, height: int, width: i
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        src_fps = float(rate) if rate else (fps or 25.0)
+        src_fps, t0, duration = stream_timing(container, stream, fps)
         fps = fps or src_fps
         tb = stream.time_base
-        t0 = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
-        if stream.duration and tb:
-            duration = float(stream.duration * tb)
-        elif container.duration:
-            duration = container.duration / av.time_base
-        else:
-            duration = stream.frames / src_fps if stream.frames else 0.0
         room = max(0.0, duration - 1 / src_fps - (frames - 1) / fps)        # latest possible start
         start = u * room
         targets = t0 + start + np.arange(frames) / fps                      # (T,) seconds
@@ -218,7 +233,8 @@ class VideoFolder(Dataset):
 
     def __init__(self, root: str | Path, manifest: str | Path, frames: int, height: int, width: int,
                  fps: float = 8.0, seed: int = 0, split: str = "all", val_fraction: float = 0.0,
-                 recaption_manifest: str | Path | None = None, recaption_ratio: float = 0.0):
+                 recaption_manifest: str | Path | None = None, recaption_ratio: float = 0.0,
+                 buckets: list | None = None, bucket_max_crop: float = 0.25):
         if split not in ("all", "train", "val"):
             raise ValueError(f"split: '{split}' is not one of all, train, val")
         self.root = Path(root)
@@ -249,21 +265,33 @@ class VideoFolder(Dataset):
         if split != "all":                         # train without a hold-out possible: every row
             usable = [r for i, r in enumerate(usable) if (i in held) == (split == "val")]
         self.entries = []
+        self.buckets = parse_buckets(buckets) if buckets else []
         for r in usable:                           # then every file must open and decode a frame
             try:
-                probe_video(r["path"])
+                info = probe_video(r["path"], fps)
             except Exception as e:                                          # corrupt: never raise
                 self._skip(r, r["path"], _first_line(e))
                 continue
+            if self.buckets:                       # the bucket nearest its aspect ratio and length
+                b, why = assign(info["height"], info["width"], info["frames"], self.buckets,
+                                bucket_max_crop)
+                if b is None:
+                    self._skip(r, r["path"], f"no bucket: {why}")
+                    continue
+                r = {**r, "bucket": b}
             self.entries.append(r)
+        # per bucket, the entries it holds (cascade.data.buckets.BucketSampler)
+        self.bucket_members = [[j for j, e in enumerate(self.entries) if e["bucket"] == b]
+                               for b in range(len(self.buckets))] if self.buckets else None
         self._bad: set[int] = set()
         self.recaptions, self.recaption_ratio = {}, float(recaption_ratio)
         if recaption_manifest and recaption_ratio > 0:
             self.recaptions = read_recaptions(self.root, recaption_manifest)
         if not self.entries:
             what = f"the {split} split of " if split != "all" else ""
+            table = " or fit data.buckets" if self.buckets else ""
             raise ValueError(f"data: none of {what}the {self.rows} videos listed in {manifest} can "
-                             f"be read ({self.summary()}; see the warnings above)")
+                             f"be read{table} ({self.summary()}; see the warnings above)")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -272,9 +300,10 @@ class VideoFolder(Dataset):
         """'N of M rows skipped (k no caption, ...)' or '' when none was."""
         if not self.skipped:
             return ""
-        reasons = dict.fromkeys(("no caption", "file not found", "unreadable"), 0)
+        reasons = dict.fromkeys(("no caption", "file not found", "no bucket", "unreadable"), 0)
         for _, why in self.skipped:
-            key = why if why in ("no caption", "file not found") else "unreadable"
+            key = why if why in ("no caption", "file not found") else \
+                "no bucket" if why.startswith("no bucket") else "unreadable"
             reasons[key] = reasons.get(key, 0) + 1
         detail = ", ".join(f"{n} {k}" for k, n in reasons.items() if n)
         return f"{len(self.skipped)} of {self.rows} manifest rows skipped ({detail})"
@@ -293,9 +322,14 @@ class VideoFolder(Dataset):
         u = float(np.random.default_rng((self.seed, index, RECAPTION_STREAM)).random())
         return (new, True) if u < self.recaption_ratio else (entry["caption"], False)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
+        """index: an int, or (int, bucket) from a BucketSampler: the clip at that bucket's shape
+        (its entry is index % len, one of the bucket's; a bad file is replaced from the same bucket)."""
+        index, bucket = index if isinstance(index, tuple) else (index, None)
         n = len(self.entries)
         index = int(index) % n if index < 0 else int(index)
+        T, H, W = self.buckets[bucket] if bucket is not None else (self.frames, self.height, self.width)
+        pool = self.bucket_members[bucket] if bucket is not None else range(n)
         rng = np.random.default_rng((self.seed, index))
         u = float(rng.random())
         j = index % n
@@ -303,8 +337,7 @@ class VideoFolder(Dataset):
             if j not in self._bad:
                 entry = self.entries[j]
                 try:
-                    clip, info = decode_clip(entry["path"], self.frames, self.fps, self.height,
-                                             self.width, u)
+                    clip, info = decode_clip(entry["path"], T, self.fps, H, W, u)
                 except Exception as e:                                      # corrupt: never raise
                     self._bad.add(j)
                     self._skip(entry, entry["path"], _first_line(e))
@@ -313,7 +346,7 @@ class VideoFolder(Dataset):
                     caption, recaptioned = self.caption(entry, index)
                     return {"video": video, "caption": caption,
                             "meta": {"path": str(entry["path"]), "recaptioned": recaptioned, **info}}
-            good = [k for k in range(n) if k not in self._bad]
+            good = [k for k in pool if k not in self._bad]
             if not good:
                 break
             j = good[int(rng.integers(len(good)))]      # another good file, by (seed, index)
