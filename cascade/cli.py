@@ -183,6 +183,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 MAX_STEPS = 1000        # sampling steps per stage (the schedules are trained on continuous t)
 MAX_GUIDANCE = 100.0    # classifier-free guidance scale: 0 (unconditional) .. this
 MAX_FRAMES = 4096       # output frames of `cascade sample --frames`
+MAX_SIZE = 16384        # pixels of `cascade sample --height / --width`
 MAX_VIDEOS = 1024       # --num-videos per prompt
 
 
@@ -200,6 +201,10 @@ def check_sampling_args(args) -> None:
     frames = getattr(args, "frames", None)
     if frames is not None and not 1 <= frames <= MAX_FRAMES:
         raise ValueError(f"--frames: must be 1..{MAX_FRAMES}, got {frames}")
+    for axis in ("height", "width"):
+        size = getattr(args, axis, None)
+        if size is not None and not 1 <= size <= MAX_SIZE:
+            raise ValueError(f"--{axis}: must be 1..{MAX_SIZE} pixels, got {size}")
     videos = getattr(args, "num_videos", None)
     if videos is not None and not 1 <= videos <= MAX_VIDEOS:
         raise ValueError(f"--num-videos: must be 1..{MAX_VIDEOS}, got {videos}")
@@ -256,9 +261,8 @@ def cmd_sample(args) -> None:
             extended_prompts.append(e)
         prompts = extended_prompts
     res = pipe(prompts, seed=args.seed, num_videos=args.num_videos, batch_size=args.batch_size,
-               **per_stage,
-               interp_passes=args.interp_passes, frames=args.frames,
-               progress=not args.no_progress)
+               **per_stage, interp_passes=args.interp_passes, frames=args.frames,
+               height=args.height, width=args.width, progress=not args.no_progress)
     if not torch.isfinite(res.video).all():            # never write black videos over good ones
         raise ValueError(f"sampling gave non-finite values (check the sampling flags and the "
                          f"stages in {stages}); nothing was written to {out}")
@@ -355,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "many; 1, the default, gives each video the same bytes in any command)")
     s.add_argument("--interp-passes", type=int, choices=(1, 2), help="run interp once (default) "
                    "or twice (frame rate x r^2)")
+    s.add_argument("--height", type=int, help="output height in pixels (default: the trained size; "
+                   "a multiple of the VAE x sr x patch factor, up to 4x the trained size)")
+    s.add_argument("--width", type=int, help="output width in pixels (as --height)")
     s.add_argument("--frames", type=int, help="frames of the output video (default: what the base "
                    "stage was trained on, through interp)")
     s.add_argument("--no-interp", action="store_true", help="skip the interp stage")

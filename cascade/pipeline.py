@@ -11,6 +11,7 @@ asked for, and then they must be there).
 """
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -28,6 +29,7 @@ from cascade.stages import interp_condition, keyframe_count, keyframe_lerp, load
 STAGE_NAMES = ("vae", "base", "interp", "sr")
 REQUIRED_STAGES = ("vae", "base")
 DIFFUSION_STAGES = ("base", "interp", "sr")
+MAX_EXTENT = 4          # an output axis may be up to 4x the trained size (Pipeline.latent_size_for)
 
 
 def stage_folder(root: str | Path, stage: str) -> Path:
@@ -288,6 +290,38 @@ class Pipeline:
                              f"{', '.join(map(str, ok))}, ...)")
         return kb
 
+    def latent_size_for(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The base latent size (h, w) whose cascade output is height x width pixels (None: the
+        base stage's trained size on that axis). The output is h * f pixels high, f the VAE's
+        spatial factor times sr.scale (when sr runs); h must be divisible by the DiTs' patch and
+        the SR U-Net's input by its downsampling; each axis may extend to MAX_EXTENT x the
+        trained token grid (RoPE and the fractional in-frame position take any size, but a
+        model has seen only offsets up to its trained size: NaViT Sec. 3.4 extrapolates to about
+        that). ValueError naming the axis and the sizes it can take."""
+        d = self.base_cfg.dit
+        dits = [self.base_cfg.dit] + ([self.interp.cfg.dit] if self.interp is not None else [])
+        f = self.vae.spatial_factor * (self.sr.cfg.sr.scale if self.sr is not None else 1)
+        out = []
+        for axis, want, trained, patch in (("height", height, d.height, "patch_h"),
+                                           ("width", width, d.width, "patch_w")):
+            if want is None:
+                out.append(trained)
+                continue
+            p = math.lcm(*(getattr(c, patch) for c in dits))
+            if self.sr is not None:                                   # the U-Net's input size
+                down = 2 ** (len(self.sr.cfg.unet.channel_mults) - 1)
+                p = math.lcm(p, down // math.gcd(down, f)) if down > 1 else p
+            step, hi = f * p, MAX_EXTENT * trained * f
+            if want < step or want % step or want > hi:
+                why = (f"more than {MAX_EXTENT}x the trained {trained * f} px" if want > hi else
+                       f"not a multiple of {step} = VAE x{self.vae.spatial_factor}"
+                       f"{f' x sr x{self.sr.cfg.sr.scale}' if self.sr is not None else ''} x patch {p}")
+                ok = ", ".join(str(step * k) for k in range(1, 5) if step * k <= hi)
+                raise ValueError(f"--{axis}: the cascade cannot make {want} px ({why}); use {ok}, ... "
+                                 f"up to {hi}")
+            out.append(want // f)
+        return out[0], out[1]
+
     # ------------------------------------------------------------------------- the call
 
     @torch.inference_mode()
@@ -295,7 +329,8 @@ class Pipeline:
                  guidance: float | None = None, sampler: str | None = None, num_videos: int = 1, *,
                  base: StageSampling | dict | None = None, interp: StageSampling | dict | None = None,
                  sr: StageSampling | dict | None = None, interp_passes: int | None = None,
-                 frames: int | None = None, batch_size: int = 1, progress: bool = True) -> Result:
+                 frames: int | None = None, height: int | None = None, width: int | None = None,
+                 batch_size: int = 1, progress: bool = True) -> Result:
         """Sample `num_videos` videos per prompt: text -> base -> interp -> VAE decode -> sr.
 
         steps / guidance / sampler apply to every diffusion stage; `base`, `interp`, `sr`
@@ -305,6 +340,8 @@ class Pipeline:
         interp_passes: 1 (default when the interp stage is loaded) multiplies the frame rate by
         its rate r, 2 by r^2 (pass 2 interpolates the output of pass 1), 0 skips interp.
         frames: the output's frame count; None = the base stage's trained keyframe count.
+        height, width: the output's size in pixels; None = what the trained base latents give
+        (`latent_size_for` says which sizes a cascade can make).
 
         Frame counts. The base stage samples Kb latent keyframes. Interp, whose model fills K
         keyframes into N = (K-1)*r + 1 frames (K, r from its config; Kb and K may differ), fills
@@ -352,6 +389,7 @@ class Pipeline:
                     for name, v in (("base", base), ("interp", interp), ("sr", sr))}
         d = self.base_cfg.dit
         kb = d.frames if frames is None else self.keyframes_for(frames, passes)
+        size = self.latent_size_for(height, width)                  # (h, w) base latents
         if passes:
             keyframe_groups(kb, self.interp_keyframes)               # fail before sampling
         if batch_size < 1:
@@ -366,7 +404,8 @@ class Pipeline:
             bar.set_postfix_str(name)
             return meter(name)
 
-        parts = [self._run(chunk, seed, kb, passes, sampling, step, bar, progress) for chunk in chunks]
+        parts = [self._run(chunk, seed, kb, size, passes, sampling, step, bar, progress)
+                 for chunk in chunks]
         bar.close()
         stages = {k: torch.cat([part[k] for part in parts]).float().cpu() for k in parts[0]}
         fps = self.fps * (self.interp.cfg.interp.rate ** passes if passes else 1)
@@ -376,8 +415,8 @@ class Pipeline:
                       timings=meter.timings, memory=meter.memory, memory_kind=meter.kind, fps=fps,
                       stage_fps=stage_fps)
 
-    def _run(self, videos: list[tuple], seed: int, kb: int, passes: int, sampling: dict, step, bar,
-             progress: bool) -> dict:
+    def _run(self, videos: list[tuple], seed: int, kb: int, size: tuple[int, int], passes: int,
+             sampling: dict, step, bar, progress: bool) -> dict:
         """The cascade on one batch of videos [(prompt, index)] -> {stage output name: tensor}
         (see Result.stages); step(name) meters a stage, bar counts them."""
         prompts = [p for p, _ in videos]
@@ -394,7 +433,7 @@ class Pipeline:
                     conds[key] = (enc(prompts), enc.null(B))
             cond, uncond = conds[self.base.text_key]
             gen = streams("base")
-            noise = gen.randn((B, d.in_channels, kb, d.height, d.width))
+            noise = gen.randn((B, d.in_channels, kb, *size))
             latents = self._sample(self.base, noise.to(self.device), cond, uncond, sampling["base"],
                                    gen, progress)                    # (B, Cz, Kb, h, w)
         bar.update()

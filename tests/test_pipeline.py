@@ -120,6 +120,9 @@ def test_cli_sample_writes_mp4_and_contact_sheet(stages, tmp_path, capsys):
     (["train", str(REPO / "configs/tiny/vae.yaml"), "data.height=30"], "data.height: 30 is not divisible"),
     (["train", str(REPO / "configs/tiny/vae.yaml"), "train.steps=many"], "train.steps"),
     (["train", "configs/nope.yaml"], "config file not found"),
+    (["sample", "a cat", "--height", "-16"], "--height: must be 1..16384 pixels, got -16"),
+    (["train", str(REPO / "configs/tiny/base.yaml"), "data.buckets=[[8,32,20]]"],
+     "data.buckets[0]: 32x20 is not divisible by 8x8"),
     (["train", str(REPO / "configs/tiny/base.yaml"), "train.vae_dir=/nonexistent"],
      "missing checkpoint file"),
 ])
@@ -209,6 +212,22 @@ def test_unreachable_frame_counts(full_run):
         pipe(PROMPT, frames=11, interp_passes=2, progress=False)
     with pytest.raises(ValueError, match="interp_passes must be 0, 1 or 2"):
         pipe(PROMPT, interp_passes=3, progress=False)
+
+
+def test_any_size_and_unreachable_sizes(full_run):
+    """--height / --width: the base samples latents of that size (RoPE and fractional in-frame
+    positions take any size); interp and sr follow; sizes the factors cannot make are one line."""
+    pipe, _ = full_run
+    res = pipe(PROMPT, seed=5, steps=1, height=32, width=48, progress=False)
+    assert res.video.shape == (1, 3, 7, 32, 48)                 # vae x2, sr x2: 8x12 latents
+    assert res.stages["keyframes_latent"].shape[-2:] == (8, 12)
+    assert torch.isfinite(res.video).all()
+    with pytest.raises(ValueError, match=r"--height: the cascade cannot make 36 px \(not a multiple of 8 "
+                                         r"= VAE x2 x sr x2 x patch 2\); use 8, 16, 24, 32, \.\.\. up to 128"):
+        pipe(PROMPT, height=36, progress=False)
+    with pytest.raises(ValueError, match=r"--width: the cascade cannot make 256 px \(more than 4x the "
+                                         r"trained 32 px\)"):
+        pipe(PROMPT, width=256, progress=False)
 
 
 def test_cli_full_cascade_save_stages_and_table(full, tmp_path, capsys):
