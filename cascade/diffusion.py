@@ -197,6 +197,27 @@ class Diffusion:
                 x0_eps_from_pred(pred, x_t, alpha, sigma, self.prediction)[0], x0)
         return loss
 
+    def packed_loss(self, net, x0s: list, cond, t, noises: list, row_len: int):
+        """`loss` for clips of different shapes packed into rows (NaViT; the network's
+        forward_packed): x0s, noises per clip (C, T_i, H_i, W_i), t (n,), cond batched over the n
+        clips. The same value as the mean of `loss` on each clip alone: each clip's MSE is a mean
+        over its own elements, min-SNR weighted, and its motion loss its own; the padding tokens
+        (the mask PackedLayout.real) never reach it: forward_packed returns each clip's tokens only."""
+        logsnr = self.logsnr(t)                                            # (n,)
+        alpha, sigma = alpha_sigma(logsnr)
+        x_ts = [a * x0 + s * e for a, s, x0, e in zip(alpha, sigma, x0s, noises)]
+        preds = [p.float() for p in net.forward_packed(x_ts, t, cond, row_len)]
+        w = min_snr_weight(logsnr, self.cfg.min_snr_gamma, self.prediction)
+        loss = 0.0
+        for i, (pred, x0, x_t, e) in enumerate(zip(preds, x0s, x_ts, noises)):
+            target = pred_from_x0_eps(x0, e, alpha[i], sigma[i], self.prediction)
+            term = w[i] * (pred - target.float()).square().mean()
+            if self.cfg.motion_weight > 0 and x0.shape[1] > 1:
+                x0_hat = x0_eps_from_pred(pred, x_t, alpha[i], sigma[i], self.prediction)[0]
+                term = term + self.cfg.motion_weight * motion_loss(x0_hat[None], x0[None])
+            loss = loss + term
+        return loss / len(x0s)
+
     def noise_augment(self, x_cond, t_aug, generator=None):
         """Conditioning augmentation (Ho et al. 2022, CDM Sec. 3; Imagen Video Sec. 2.5): noise the
         conditioning signal to level t_aug with this schedule; the network also gets t_aug.

@@ -168,6 +168,21 @@ def gated_linear(x, g, o, linear: nn.Linear):
     return out.view(x.shape)
 
 
+def modulated_linear(x, shift, scale, linear: nn.Linear, layout=None):
+    """linear(LN(x) * (1 + scale) + shift) for x (B, N, C), shift and scale (B, C) (the fused
+    kernel path); packed (layout given): x (1, total, C) with a shift and scale per token (total, C)."""
+    if layout is None:
+        return layer_norm_modulate_linear(x, shift, scale, linear.weight, linear.bias)
+    return linear(F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift)
+
+
+def gated(x, g, o, linear: nn.Linear, layout=None):
+    """x + g * linear(o) (adaLN-Zero's gated residual); packed: g per token (total, C)."""
+    if layout is None:
+        return gated_linear(x, g, o, linear)
+    return x + g * linear(o)
+
+
 class SelfAttention(nn.Module):
     """adaLN-modulated fused QKV projection, attention over `mode` (spatial | temporal | full) by the
     kernels, and the output projection added to the residual stream under the adaLN-Zero gate:
@@ -179,18 +194,21 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x, shift, scale, gate, mode: str, rope: Rope3D | None, phases):
+    def forward(self, x, shift, scale, gate, mode: str, rope: Rope3D | None, phases, layout=None):
         B, T, S, C = x.shape                                             # shift, scale, gate: (B, C)
-        qkv = layer_norm_modulate_linear(x.reshape(B, T * S, C), shift, scale, self.qkv.weight,
-                                         self.qkv.bias).view(B, T, S, 3, self.heads, C // self.heads)
+        qkv = modulated_linear(x.reshape(B, T * S, C), shift, scale, self.qkv,
+                               layout).view(B, T, S, 3, self.heads, C // self.heads)
         attn_scale = None                                                # the default 1/sqrt(d)
         if rope is not None:
             q, k, v = RopeQKV.apply(qkv, phases, (C // self.heads) ** -0.5)  # 3 x (B, T, S, h, d)
             attn_scale = 1.0                                             # q came pre-scaled
         else:
             q, k, v = qkv.unbind(3)                                      # strided views, no copy
-        o = spacetime_attention(q, k, v, mode=mode, scale=attn_scale)     # (B, T, S, h, d)
-        return gated_linear(x, gate, o.reshape(B, T, S, C), self.proj)
+        if layout is not None:                     # packed (1, 1, total, ...): varlen, per clip
+            o = layout.attention(*(a.reshape(T * S, self.heads, -1) for a in (q, k, v)), mode, attn_scale)
+        else:
+            o = spacetime_attention(q, k, v, mode=mode, scale=attn_scale)  # (B, T, S, h, d)
+        return gated(x, gate, o.reshape(B, T, S, C), self.proj, layout)
 
 
 class CrossAttention(nn.Module):
@@ -257,17 +275,26 @@ class DiTBlock(nn.Module):
         self.n_mod = 9 if self.factorised else 6
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, self.n_mod * cfg.hidden))
 
-    def forward(self, x, c, text, mask, rope, phases):
+    def forward(self, x, c, text, mask, rope, phases, layout=None):
+        """x (B, T, S, C), c (B, C); packed (layout, cascade.models.packing): x (1, 1, total, C)
+        and c, text, mask per clip, the modulations spread to the tokens of each clip."""
         B, T, S, C = x.shape
-        mods = self.ada(c).view(B, self.n_mod, C).unbind(1)              # shift, scale, gate: (B, C)
-        x = self.attn(x, *mods[0:3], self.first_mode, rope, phases)
+        mods = self.ada(c).view(-1, self.n_mod, C)                       # (B or clips, n_mod, C)
+        if layout is not None:
+            mods = layout.per_token(mods)                                # (total, n_mod, C)
+        mods = mods.unbind(1)                                            # shift, scale, gate: (B, C)
+        x = self.attn(x, *mods[0:3], self.first_mode, rope, phases, layout)
         if self.factorised:
-            x = self.temporal(x, *mods[3:6], "temporal", rope, phases)
-        x = x + self.cross(self.norm_cross(x.reshape(B, T * S, C)), text, mask).view(B, T, S, C)
+            x = self.temporal(x, *mods[3:6], "temporal", rope, phases, layout)
+        q = self.norm_cross(x.reshape(B, T * S, C))
+        if layout is None:
+            x = x + self.cross(q, text, mask).view(B, T, S, C)
+        else:                                                            # each clip its own text
+            x = x + layout.from_clips(self.cross(layout.to_clips(q[0]), text, mask)).view(B, T, S, C)
         sh, sc, g = mods[-3:]
         fc1, act, fc2 = self.mlp
-        h = act(layer_norm_modulate_linear(x.reshape(B, T * S, C), sh, sc, fc1.weight, fc1.bias))
-        return gated_linear(x, g, h, fc2)                                # x + g * fc2(h)
+        h = act(modulated_linear(x.reshape(B, T * S, C), sh, sc, fc1, layout))
+        return gated(x, g, h, fc2, layout)                               # x + g * fc2(h)
 
 
 class FinalLayer(nn.Module):
@@ -276,9 +303,11 @@ class FinalLayer(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 2 * cfg.hidden))
         self.linear = nn.Linear(cfg.hidden, cfg.patch_t * cfg.patch_h * cfg.patch_w * out_channels)
 
-    def forward(self, x, c):
+    def forward(self, x, c, layout=None):
         sh, sc = self.ada(c).chunk(2, dim=-1)
-        return layer_norm_modulate_linear(x, sh, sc, self.linear.weight, self.linear.bias)
+        if layout is not None:
+            sh, sc = layout.per_token(sh), layout.per_token(sc)          # (total, C)
+        return modulated_linear(x, sh, sc, self.linear, layout)
 
 
 class FramePosition(nn.Module):
@@ -382,7 +411,9 @@ class VideoDiT(nn.Module):
         B, _, T, H, W = x.shape
         return torch.cat([x, frames.to(x.dtype), mask.to(x.dtype).expand(B, 1, T, H, W)], dim=1)
 
-    def forward(self, x, t, cond):
+    def embed(self, x, cond):
+        """x (B, C, T, H, W) -> tokens (B, Tp, S, hidden) with their positions: (tokens, RoPE
+        phases (Tp, S, d/2) or None); the interp stage's keyframes are concatenated first."""
         c = self.cfg
         B, _, T, H, W = x.shape
         self.check_shape(T, H, W)
@@ -404,20 +435,69 @@ class VideoDiT(nn.Module):
             h = h + F.pad(pe, (0, c.hidden - 3 * d)).view(1, Tp, Hp * Wp, c.hidden).to(h.dtype)
         if self.frame_pos is not None:
             h = h + self.frame_pos(Hp, Wp, x.device).to(h.dtype)              # (S, C) to every frame
-        emb = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.pooled_embed(cond["pooled"])
+        return h, phases
+
+    def condition(self, t, cond, dtype):
+        """-> (emb (B, C) for adaLN, text tokens (B, 1 + L, C) with the null token first, their
+        mask (B, 1 + L))."""
+        B = t.shape[0]
+        emb = self.t_embed(timestep_embedding(t, 256).to(dtype)) + self.pooled_embed(cond["pooled"])
         if self.aug_embed is not None:
-            emb = emb + self.aug_embed(timestep_embedding(cond["aug_t"], 256).to(h.dtype))
+            emb = emb + self.aug_embed(timestep_embedding(cond["aug_t"], 256).to(dtype))
         text = torch.cat([self.null_token.expand(B, -1, -1), self.text_proj(cond["text"])], dim=1)
-        mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device),
+        mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=t.device),
                           cond["text_mask"].bool()], dim=1)                # (B, 1 + L)
         if self.text_pool is not None:
             emb = emb + self.text_pool(text, mask)                          # (B, C)
-        ckpt = c.checkpoint and torch.is_grad_enabled()                     # dit.checkpoint: per block
+        return emb, text, mask
+
+    def run_blocks(self, h, emb, text, mask, phases, layout=None):
+        ckpt = self.cfg.checkpoint and torch.is_grad_enabled()              # dit.checkpoint: per block
         for blk in self.blocks:
             if ckpt:                                   # activations recomputed in the backward
-                h = checkpoint(blk, h, emb, text, mask, self.rope, phases, use_reentrant=False)
+                h = checkpoint(blk, h, emb, text, mask, self.rope, phases, layout, use_reentrant=False)
             else:
-                h = blk(h, emb, text, mask, self.rope, phases)
-        out = self.final(h.reshape(B, Tp * Hp * Wp, c.hidden), emb)        # (B, N, p*Cout)
+                h = blk(h, emb, text, mask, self.rope, phases, layout)
+        return h
+
+    def unpatch(self, out, Tp, Hp, Wp):
+        """(B, Tp * Hp * Wp, p * Cout) -> (B, Cout, T, H, W)."""
+        c = self.cfg
         return rearrange(out, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
                          t=Tp, h=Hp, w=Wp, pt=c.patch_t, ph=c.patch_h, pw=c.patch_w)
+
+    def forward(self, x, t, cond):
+        c = self.cfg
+        B, _, T, H, W = x.shape
+        h, phases = self.embed(x, cond)                                    # (B, Tp, S, C)
+        emb, text, mask = self.condition(t, cond, h.dtype)
+        h = self.run_blocks(h, emb, text, mask, phases)
+        Tp, Hp, Wp = T // c.patch_t, H // c.patch_h, W // c.patch_w
+        out = self.final(h.reshape(B, Tp * Hp * Wp, c.hidden), emb)        # (B, N, p*Cout)
+        return self.unpatch(out, Tp, Hp, Wp)
+
+    def forward_packed(self, xs: list[torch.Tensor], t, cond, row_len: int) -> list[torch.Tensor]:
+        """NaViT packing (cascade.models.packing): clips xs[i] (C, T_i, H_i, W_i) of any shapes,
+        t (n,), cond batched over the n clips -> per clip its prediction (Cout, T_i, H_i, W_i).
+        Every clip keeps its own positions (3D RoPE, in-frame position) and conditioning; its
+        tokens attend only to its own (varlen attention); the result equals `forward` on each
+        clip alone, up to float rounding (tests/models/test_packing.py)."""
+        from cascade.models.packing import PackedLayout
+        if self.cfg.cond_frames:
+            raise ValueError("train.pack_tokens: packing is for the base DiT (the interp stage's "
+                             "keyframe inputs are not packed)")
+        c = self.cfg
+        grids, toks, phases, = [], [], []
+        for x in xs:
+            h, ph = self.embed(x[None], {})                               # (1, Tp, S, C)
+            grids.append((h.shape[1], x.shape[2] // c.patch_h, x.shape[3] // c.patch_w))
+            toks.append(h.reshape(-1, c.hidden))                          # (N_i, C)
+            if ph is not None:
+                phases.append(ph.reshape(-1, ph.shape[-1]))              # (N_i, d/2)
+        layout = PackedLayout(grids, row_len, xs[0].device)
+        h = layout.pack(toks).view(1, 1, layout.total, c.hidden)           # (1, 1, total, C)
+        ph = layout.pack(phases, 1.0).view(1, layout.total, -1) if phases else None
+        emb, text, mask = self.condition(t, cond, h.dtype)               # per clip
+        h = self.run_blocks(h, emb, text, mask, ph, layout)
+        out = self.final(h.view(1, layout.total, c.hidden), emb, layout)[0]  # (total, p*Cout)
+        return [self.unpatch(o[None], *g)[0] for o, g in zip(layout.unpack(out), grids)]
