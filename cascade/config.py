@@ -164,6 +164,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_ckpts: int = 2
+    pack_tokens: int = 0            # base stage: pack each micro batch's clips (any shapes) into rows of this many tokens (NaViT); 0: off
     max_bad_steps: int = 10         # steps skipped for a non-finite loss or gradient before the run stops (0: at the first)
     out_dir: str = "runs/stage"
     seed: int = 0
@@ -229,6 +230,11 @@ def validate(cfg: StageConfig) -> StageConfig:
     if cfg.data.image_fraction and cfg.stage == "interp":
         raise ConfigError("data.image_fraction: the interp stage cannot train on 1-frame clips")
     _validate_buckets(cfg)
+    if cfg.train.pack_tokens < 0:
+        raise ConfigError(f"train.pack_tokens: must be >= 0 (0: no packing), got {cfg.train.pack_tokens}")
+    if cfg.train.pack_tokens and cfg.stage != "base":
+        raise ConfigError(f"train.pack_tokens: packing is for the base stage's DiT, not the "
+                          f"'{cfg.stage}' stage (use data.buckets there)")
     if cfg.train.max_bad_steps < 0:
         raise ConfigError(f"train.max_bad_steps: must be >= 0, got {cfg.train.max_bad_steps}")
     if not 0 <= cfg.train.zero_stage <= 3:

@@ -212,6 +212,13 @@ class BaseStage:
         if got != expect:
             raise ConfigError(f"dit: (in_channels, frames, height, width) = {got} does not match the "
                               f"VAE latent of {d.frames}x{d.height}x{d.width} clips, {expect}")
+        if cfg.train.pack_tokens:                  # every bucket's clip must fit one row
+            for i, b in enumerate(cfg.data.buckets or [[d.frames, d.height, d.width]]):
+                _, T, h, w = self.vae.latent_shape(*b)
+                n = (T // cfg.dit.patch_t) * (h // cfg.dit.patch_h) * (w // cfg.dit.patch_w)
+                if n > cfg.train.pack_tokens:
+                    raise ConfigError(f"train.pack_tokens: a {'x'.join(map(str, b))} clip makes {n} "
+                                      f"tokens, more than a row of {cfg.train.pack_tokens}")
         self.text = load_text_encoder(cfg, "dit", device)
         self.diffusion = Diffusion(cfg.diffusion)
         self.net = VideoDiT(cfg.dit)
@@ -226,19 +233,29 @@ class BaseStage:
         """A batch of clips, or of their cached encodings (cascade cache: latent_mean, text, ...;
         the encoders are skipped and the inputs are the same as encoding the clips here)."""
         cached = "latent_mean" in batch
+        packed = self.cfg.train.pack_tokens > 0 and not cached    # NaViT: a list of clips of any shapes
         if cached:                                 # the posterior's mode, scaled (encode_latents)
             x0 = batch["latent_mean"].to(device) * self.vae.scaling_factor    # (B, Cz, T', h, w)
+        elif packed:                               # each clip encoded at its own shape
+            x0 = [self.vae.encode_latents(v[None].to(device))[0] for v in batch["video"]]
         else:
             x0 = self.vae.encode_latents(batch["video"].to(device))           # (B, Cz, T', h, w)
         cond = text_condition(self.text, batch["caption"], gens, self.cfg.diffusion.cond_drop, device,
                               {k: batch[k] for k in CACHED_TEXT} if cached else None)
         t = per_sample_rand(gens).to(device)
-        noise = per_sample_randn(gens, x0.shape[1:]).to(device)
+        if packed:                                 # the same draws as per_sample_randn, per clip
+            noise = [torch.randn(x.shape, generator=g).to(device) for x, g in zip(x0, gens)]
+        else:
+            noise = per_sample_randn(gens, x0.shape[1:]).to(device)
         return {"x0": x0, "t": t, "noise": noise, **cond}
 
     def loss(self, net, inputs):
         cond = {k: inputs[k] for k in ("text", "text_mask", "pooled")}
-        loss = self.diffusion.loss(net, inputs["x0"], cond, t=inputs["t"], noise=inputs["noise"])
+        if isinstance(inputs["x0"], list):         # packed (train.pack_tokens)
+            loss = self.diffusion.packed_loss(net, inputs["x0"], cond, inputs["t"], inputs["noise"],
+                                              self.cfg.train.pack_tokens)
+        else:
+            loss = self.diffusion.loss(net, inputs["x0"], cond, t=inputs["t"], noise=inputs["noise"])
         return loss, {"mse": loss.detach()}
 
 

@@ -566,7 +566,8 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
         trim_log(log_path, start)                      # the steps past the checkpoint run again
 
     sampler = BucketSampler(dataset.bucket_members, len(dataset.buckets), len(dataset), cfg, start,
-                            rank, world) if cfg.data.buckets else StepSampler(cfg, start, rank, world)
+                            rank, world, mixed=t.pack_tokens > 0) if cfg.data.buckets \
+        else StepSampler(cfg, start, rank, world)           # packing: each clip its own bucket
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=t.num_workers)
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and rank == 0),
                desc=f"train {cfg.stage}", dynamic_ncols=True)
@@ -628,7 +629,8 @@ def train_step(engine, stage, guard: NonFiniteGuard, batches, cfg: StageConfig, 
     for micro in range(t.grad_accum):
         batch = next(batches)
         if image_step(t.seed, step, cfg.data.image_fraction):              # W.A.L.T joint training
-            batch = {**batch, **{k: batch[k][:, :, :1] for k in FRAME_KEYS if k in batch}}
+            batch = {**batch, **{k: [v[:, :1] for v in batch[k]] if isinstance(batch[k], list)
+                                 else batch[k][:, :, :1] for k in FRAME_KEYS if k in batch}}
         gens = sample_generators(t.seed, step_indices(step, micro, rank, cfg, world))
         inputs = stage.prepare(batch, gens, device)
         loss, logs = engine(inputs)

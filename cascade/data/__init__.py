@@ -55,8 +55,10 @@ def build_dataset(data_cfg: DataConfig, split: str = "train"):
 
 def collate(batch: list[dict]) -> dict:
     """List of samples -> {"video": (B, 3, T, H, W), "caption": list[str], "meta": list[dict]};
-    a cached sample's tensors (latent_mean, text, ...) are stacked the same way."""
-    out = {k: torch.stack([b[k] for b in batch]) for k, v in batch[0].items() if torch.is_tensor(v)}
+    a cached sample's tensors (latent_mean, text, ...) are stacked the same way. Clips of
+    different shapes (a packed batch, train.pack_tokens) stay a list of (3, T_i, H_i, W_i)."""
+    out = {k: torch.stack([b[k] for b in batch]) if len({b[k].shape for b in batch}) == 1
+           else [b[k] for b in batch] for k, v in batch[0].items() if torch.is_tensor(v)}
     return {**out, "caption": [b["caption"] for b in batch], "meta": [b["meta"] for b in batch]}
 
 

@@ -69,7 +69,8 @@ def histogram(members: list[list[int]], buckets: list[tuple[int, int, int]]) -> 
 
 
 class BucketSampler:
-    """Batch sampler of same-bucket micro batches for this rank: yields [(index, bucket), ...].
+    """Batch sampler of same-bucket micro batches for this rank: yields [(index, bucket), ...]
+    (mixed=True, for packing: each clip of a batch draws its own bucket).
 
     members: per bucket, the dataset entries it holds (a folder), or None when every entry can
     take every bucket (the synthetic set). The index of draw g of entry j is g * n + j (n entries),
@@ -78,8 +79,8 @@ class BucketSampler:
     walks the same global batches."""
 
     def __init__(self, members: list[list[int]] | None, n_buckets: int, n_entries: int, cfg,
-                 start: int, rank: int, world: int):
-        self.members, self.n_buckets, self.n = members, n_buckets, n_entries
+                 start: int, rank: int, world: int, mixed: bool = False):
+        self.members, self.n_buckets, self.n, self.mixed = members, n_buckets, n_entries, mixed
         self.cfg, self.start, self.rank, self.world = cfg, start, rank, world
         sizes = np.array([len(m) for m in members], float) if members else np.ones(n_buckets)
         if sizes.sum() == 0:
@@ -91,8 +92,14 @@ class BucketSampler:
         t = self.cfg.train
         B = t.batch_size * self.world
         rng = np.random.default_rng((self.cfg.data.seed, step, micro, BUCKET_STREAM))
-        b = int(rng.choice(self.n_buckets, p=self.p))
         g0 = (step * t.grad_accum + micro) * B                   # global draw numbers g0 .. g0+B-1
+        if self.mixed:                                           # packing: every clip its own bucket
+            bs = [int(b) for b in rng.choice(self.n_buckets, size=B, p=self.p)]
+            if self.members is None:
+                return [(g0 + k, b) for k, b in enumerate(bs)]
+            return [((g0 + k) * self.n + self.members[b][int(rng.integers(len(self.members[b])))], b)
+                    for k, b in enumerate(bs)]
+        b = int(rng.choice(self.n_buckets, p=self.p))
         if self.members is None:
             return [(g0 + k, b) for k in range(B)]
         m = self.members[b]
@@ -117,4 +124,5 @@ def data_position(cfg, dataset) -> dict:
     members = getattr(dataset, "bucket_members", None)
     digest = hashlib.sha256(json.dumps([list(map(list, parse_buckets(cfg.data.buckets))), members,
                                         cfg.data.bucket_max_crop]).encode()).hexdigest()[:16]
-    return {"sampler": "buckets", "seed": cfg.data.seed, "buckets": digest}
+    return {"sampler": "buckets, mixed (packing)" if cfg.train.pack_tokens else "buckets",
+            "seed": cfg.data.seed, "buckets": digest}

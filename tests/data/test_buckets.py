@@ -160,3 +160,27 @@ def test_train_vae_and_base_on_buckets_and_resume_exactly(folder, tmp_path, caps
     with pytest.raises(ValueError, match="another data stream"):
         train(folder_cfg(folder, "base", base + [f"train.out_dir={cut}", "train.steps=9",
                                                   "data.buckets=[[4,16,16]]"]), progress=False)
+
+
+def test_train_base_packed_on_mixed_shapes(folder, tmp_path, capsys):
+    """train.pack_tokens: each micro batch mixes buckets, packed into rows of 64 tokens."""
+    from cascade.train import train
+    vae = train(folder_cfg(folder, "vae", [f"train.out_dir={tmp_path / 'vae'}", "train.steps=1",
+                                           "train.ckpt_every=100"]), progress=False)
+    cfg = folder_cfg(folder, "base", [
+        "text.encoder=minilm", "dit.in_channels=4", "dit.hidden=32", "dit.depth=1", "dit.heads=2",
+        "dit.frames=4", "dit.height=8", "dit.width=8", f"train.vae_dir={vae}", "train.steps=3",
+        "train.batch_size=4", "train.pack_tokens=64", f"train.out_dir={tmp_path / 'packed'}"])
+    ds = build_dataset(cfg.data)
+    batch = BucketSampler(ds.bucket_members, 4, len(ds), cfg, 0, 0, 1, mixed=True).global_batch(0, 0)
+    assert len({b for _, b in batch}) > 1                                  # shapes mixed in a batch
+    export = train(cfg, progress=False)
+    losses = _log_losses(tmp_path / "packed" / "log.csv")
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert (export / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="pack_tokens: a 4x16x16 clip makes 64 tokens, more than a row of 32"):
+        train(folder_cfg(folder, "base", [
+            "text.encoder=minilm", "dit.in_channels=4", "dit.hidden=32", "dit.depth=1", "dit.heads=2",
+            "dit.frames=4", "dit.height=8", "dit.width=8", f"train.vae_dir={vae}", "train.steps=3",
+            "train.batch_size=4", "train.pack_tokens=32", f"train.out_dir={tmp_path / 'small'}"]),
+            progress=False)
