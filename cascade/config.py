@@ -79,6 +79,9 @@ class DiTConfig:
     height: int = 8             # latent height
     width: int = 8              # latent width
     attention: str = "factorised"   # factorised (spatial then temporal in each block) | full | hybrid (full, then temporal)
+                                    # | window (W.A.L.T: spatial window, then spatiotemporal window)
+    window_spatial: list[int] = field(default_factory=lambda: [4, 4])       # attention=window: tokens (h, w)
+    window_spacetime: list[int] = field(default_factory=lambda: [2, 4, 4])  # attention=window: tokens (t, h, w)
     pos: str = "rope"           # rope (3D RoPE) | sincos
     frame_pos: bool = False     # + absolute in-frame position (dit.FramePosition): where the borders are
     text_dim: int = 384
@@ -192,7 +195,7 @@ class StageConfig:
 STAGES = ("vae", "base", "interp", "sr")
 CHOICES = {
     "data.kind": ("synthetic", "folder", "cache"),   # cache: data.root = a `cascade cache` folder
-    "dit.attention": ("factorised", "full", "hybrid"),
+    "dit.attention": ("factorised", "full", "hybrid", "window"),
     "dit.pos": ("rope", "sincos"),
     "diffusion.schedule": ("cosine", "shifted_cosine"),
     "diffusion.prediction": ("v", "eps", "x0"),
@@ -253,6 +256,10 @@ def validate(cfg: StageConfig) -> StageConfig:
     if d.height % d.patch_h or d.width % d.patch_w or d.frames % d.patch_t:
         raise ConfigError(f"dit: latent size {d.frames}x{d.height}x{d.width} is not divisible by the "
                           f"patch size {d.patch_t}x{d.patch_h}x{d.patch_w}")
+    if len(d.window_spatial) != 2 or len(d.window_spacetime) != 3 or \
+            min(*d.window_spatial, *d.window_spacetime) < 1:
+        raise ConfigError(f"dit.window_spatial / dit.window_spacetime: need [h, w] and [t, h, w] of "
+                          f"positive token counts, got {list(d.window_spatial)}, {list(d.window_spacetime)}")
     if cfg.stage in ("base", "interp") and d.cond_frames != (cfg.stage == "interp"):
         raise ConfigError(f"dit.cond_frames: must be {str(cfg.stage == 'interp').lower()} for the "
                           f"'{cfg.stage}' stage (only interp takes keyframe latents as input)")

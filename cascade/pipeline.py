@@ -12,6 +12,7 @@ asked for, and then they must be there).
 from __future__ import annotations
 
 import math
+import numbers
 import resource
 import sys
 import time
@@ -25,11 +26,29 @@ from cascade.config import ConfigError
 from cascade.heap import malloc_trim
 from cascade.seeding import RowGenerators
 from cascade.stages import interp_condition, keyframe_count, keyframe_lerp, load_export, load_vae
+from cascade.text import check_prompts
 
 STAGE_NAMES = ("vae", "base", "interp", "sr")
 REQUIRED_STAGES = ("vae", "base")
 DIFFUSION_STAGES = ("base", "interp", "sr")
 MAX_EXTENT = 4          # an output axis may be up to 4x the trained size (Pipeline.latent_size_for)
+MAX_STEPS = 1000        # sampling steps per stage (the schedules are trained on continuous t)
+MAX_GUIDANCE = 100.0    # classifier-free guidance scale: 0 (unconditional) .. this
+MAX_FRAMES = 4096       # output frames (Pipeline(frames=), cascade sample --frames)
+MAX_VIDEOS = 1024       # videos per prompt, and per batch
+
+
+def check_number(name: str, value, lo, hi, integer: bool = False) -> None:
+    """A sampling number a caller can get wrong (steps, guidance, frames, ...): None passes;
+    anything but a finite number in lo..hi (an int, not a bool, when `integer`) is a one-line
+    ValueError naming it, raised before anything is allocated."""
+    if value is None:
+        return
+    number = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    if number and (integer or math.isfinite(value)) and lo <= value <= hi:
+        return
+    raise ValueError(f"{name}: must be {lo}..{hi}, got {value!r}" if integer else
+                     f"{name}: must be a finite number in {lo:g}..{hi:g}, got {value!r}")
 
 
 def stage_folder(root: str | Path, stage: str) -> Path:
@@ -75,6 +94,23 @@ class StageSampling:
                                  f"(use steps, guidance, sampler, guidance_interval)")
             return cls(**value)
         raise TypeError(f"stage sampling must be None, a dict or a StageSampling, got {type(value)}")
+
+    def check(self, where: str = "") -> "StageSampling":
+        """Itself, once its set fields are in range (one-line ValueError naming where + field)."""
+        from cascade.diffusion import SAMPLERS
+        check_number(f"{where}steps", self.steps, 1, MAX_STEPS, integer=True)
+        check_number(f"{where}guidance", self.guidance, 0, MAX_GUIDANCE)
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"{where}sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if self.guidance_interval is not None:
+            lo_hi = self.guidance_interval
+            if not (isinstance(lo_hi, (tuple, list)) and len(lo_hi) == 2):
+                raise ValueError(f"{where}guidance_interval: must be (lo, hi), got {lo_hi!r}")
+            for v in lo_hi:
+                check_number(f"{where}guidance_interval", v, 0, 1)
+            if lo_hi[0] > lo_hi[1]:
+                raise ValueError(f"{where}guidance_interval: needs lo <= hi, got {list(lo_hi)}")
+        return self
 
     def over(self, other: "StageSampling") -> "StageSampling":
         """This one's set fields, the other's where this one has None."""
@@ -307,7 +343,9 @@ class Pipeline:
             if want is None:
                 out.append(trained)
                 continue
-            p = math.lcm(*(getattr(c, patch) for c in dits))
+            p = math.lcm(*(getattr(c, patch) * (math.lcm(c.window_spatial[axis == "width"],
+                                                         c.window_spacetime[1 + (axis == "width")])
+                                                if c.attention == "window" else 1) for c in dits))
             if self.sr is not None:                                   # the U-Net's input size
                 down = 2 ** (len(self.sr.cfg.unet.channel_mults) - 1)
                 p = math.lcm(p, down // math.gcd(down, f)) if down > 1 else p
@@ -372,28 +410,24 @@ class Pipeline:
         many videos and differ from it by float rounding only (GEMMs of other sizes: about 1e-5
         in [-1, 1], measured on the tiny cascade)."""
         from tqdm.auto import tqdm
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError("empty prompt: give the video a description")
-        if num_videos < 1:
-            raise ValueError(f"num_videos must be >= 1, got {num_videos}")
+        prompts = check_prompts(prompts)
+        check_number("num_videos", num_videos, 1, MAX_VIDEOS, integer=True)
+        check_number("batch_size", batch_size, 1, MAX_VIDEOS, integer=True)
+        check_number("frames", frames, 1, MAX_FRAMES, integer=True)
         passes = (1 if self.interp is not None else 0) if interp_passes is None else interp_passes
         if passes not in (0, 1, 2):
             raise ValueError(f"interp_passes must be 0, 1 or 2, got {passes}")
         if passes and self.interp is None:
             raise ValueError(f"interp_passes={passes} needs the interp stage, which this pipeline "
                              f"did not load (no {self.folder}/interp, or use_interp=False)")
-        call = StageSampling(steps, guidance, sampler)
-        sampling = {name: StageSampling.of(v).over(call)
+        call = StageSampling(steps, guidance, sampler).check()
+        sampling = {name: StageSampling.of(v).check(f"{name}.").over(call)
                     for name, v in (("base", base), ("interp", interp), ("sr", sr))}
         d = self.base_cfg.dit
         kb = d.frames if frames is None else self.keyframes_for(frames, passes)
         size = self.latent_size_for(height, width)                  # (h, w) base latents
         if passes:
             keyframe_groups(kb, self.interp_keyframes)               # fail before sampling
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         videos = [(p, k) for p in prompts for k in range(num_videos)]  # (prompt, its video index)
         chunks = [videos[i:i + batch_size] for i in range(0, len(videos), batch_size)]
         meter = PeakMemory(self.device)

@@ -183,6 +183,25 @@ def gated(x, g, o, linear: nn.Linear, layout=None):
     return x + g * linear(o)
 
 
+def window_attention(q, k, v, window: tuple[int, int, int], hw: tuple[int, int], scale=None):
+    """W.A.L.T (Gupta et al. 2023, Sec. 3.3) window attention: q, k, v (B, T, S, h, d) on a token
+    grid T x H x W (hw = (H, W), S = H * W) -> (B, T, S, h, d), each token attending only to the
+    tokens of its non-overlapping (wt, wh, ww) window. A window wider than the grid is clipped to
+    it (one window covering everything is full attention); a grid the window does not divide is
+    a ValueError."""
+    B, T, S, heads, d = q.shape
+    H, W = hw
+    wt, wh, ww = (min(a, n) for a, n in zip(window, (T, H, W)))
+    if T % wt or H % wh or W % ww:
+        raise ValueError(f"dit.window: the {T}x{H}x{W} token grid is not divisible by the window "
+                         f"{wt}x{wh}x{ww} (choose a size that is a multiple of window x patch)")
+    split = "b (nt wt) (nh wh nw ww) h d -> (b nt nh nw) 1 (wt wh ww) h d"
+    dims = dict(wt=wt, wh=wh, ww=ww, nh=H // wh, nw=W // ww)
+    o = spacetime_attention(*(rearrange(a, split, **dims) for a in (q, k, v)), mode="spatial",
+                            scale=scale)                                  # each window a "frame"
+    return rearrange(o, "(b nt nh nw) 1 (wt wh ww) h d -> b (nt wt) (nh wh nw ww) h d", b=B, **dims)
+
+
 class SelfAttention(nn.Module):
     """adaLN-modulated fused QKV projection, attention over `mode` (spatial | temporal | full) by the
     kernels, and the output projection added to the residual stream under the adaLN-Zero gate:
@@ -194,7 +213,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x, shift, scale, gate, mode: str, rope: Rope3D | None, phases, layout=None):
+    def forward(self, x, shift, scale, gate, mode, rope: Rope3D | None, phases, layout=None, hw=None):
+        """mode: spatial | temporal | full, or a window (t, h, w) of tokens (`window_attention`
+        on the grid T x hw)."""
         B, T, S, C = x.shape                                             # shift, scale, gate: (B, C)
         qkv = modulated_linear(x.reshape(B, T * S, C), shift, scale, self.qkv,
                                layout).view(B, T, S, 3, self.heads, C // self.heads)
@@ -206,6 +227,8 @@ class SelfAttention(nn.Module):
             q, k, v = qkv.unbind(3)                                      # strided views, no copy
         if layout is not None:                     # packed (1, 1, total, ...): varlen, per clip
             o = layout.attention(*(a.reshape(T * S, self.heads, -1) for a in (q, k, v)), mode, attn_scale)
+        elif not isinstance(mode, str):
+            o = window_attention(q, k, v, mode, hw, scale=attn_scale)        # (B, T, S, h, d)
         else:
             o = spacetime_attention(q, k, v, mode=mode, scale=attn_scale)  # (B, T, S, h, d)
         return gated(x, gate, o.reshape(B, T, S, C), self.proj, layout)
@@ -260,9 +283,13 @@ class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         # factorised: spatial, then temporal; full: one spacetime attention; hybrid: full spacetime
-        # attention, then temporal (the factorised block's parameters, so it can start from one)
-        self.factorised = cfg.attention in ("factorised", "hybrid")
-        self.first_mode = "spatial" if cfg.attention == "factorised" else "full"
+        # attention, then temporal (the factorised block's parameters, so it can start from one);
+        # window (W.A.L.T): a spatial window, then a spatiotemporal window, which a 1-frame
+        # input (an image) skips: its temporal layer is the identity
+        self.factorised = cfg.attention in ("factorised", "hybrid", "window")
+        self.window = cfg.attention == "window"
+        self.first_mode = {"factorised": "spatial", "window": (1, *cfg.window_spatial)}.get(cfg.attention, "full")
+        self.second_mode = tuple(cfg.window_spacetime) if self.window else "temporal"
         self.attn = SelfAttention(cfg)                                   # spatial, or full
         self.temporal = SelfAttention(cfg) if self.factorised else None
         self.norm_cross = nn.LayerNorm(cfg.hidden, eps=1e-6)
@@ -275,7 +302,7 @@ class DiTBlock(nn.Module):
         self.n_mod = 9 if self.factorised else 6
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, self.n_mod * cfg.hidden))
 
-    def forward(self, x, c, text, mask, rope, phases, layout=None):
+    def forward(self, x, c, text, mask, rope, phases, layout=None, hw=None):
         """x (B, T, S, C), c (B, C); packed (layout, cascade.models.packing): x (1, 1, total, C)
         and c, text, mask per clip, the modulations spread to the tokens of each clip."""
         B, T, S, C = x.shape
@@ -283,9 +310,11 @@ class DiTBlock(nn.Module):
         if layout is not None:
             mods = layout.per_token(mods)                                # (total, n_mod, C)
         mods = mods.unbind(1)                                            # shift, scale, gate: (B, C)
-        x = self.attn(x, *mods[0:3], self.first_mode, rope, phases, layout)
-        if self.factorised:
-            x = self.temporal(x, *mods[3:6], "temporal", rope, phases, layout)
+        if self.window and layout is not None:
+            raise ValueError("train.pack_tokens: packing does not take dit.attention=window")
+        x = self.attn(x, *mods[0:3], self.first_mode, rope, phases, layout, hw)
+        if self.factorised and not (self.window and T == 1):
+            x = self.temporal(x, *mods[3:6], self.second_mode, rope, phases, layout, hw)
         q = self.norm_cross(x.reshape(B, T * S, C))
         if layout is None:
             x = x + self.cross(q, text, mask).view(B, T, S, C)
@@ -451,13 +480,13 @@ class VideoDiT(nn.Module):
             emb = emb + self.text_pool(text, mask)                          # (B, C)
         return emb, text, mask
 
-    def run_blocks(self, h, emb, text, mask, phases, layout=None):
+    def run_blocks(self, h, emb, text, mask, phases, layout=None, hw=None):
         ckpt = self.cfg.checkpoint and torch.is_grad_enabled()              # dit.checkpoint: per block
         for blk in self.blocks:
             if ckpt:                                   # activations recomputed in the backward
-                h = checkpoint(blk, h, emb, text, mask, self.rope, phases, layout, use_reentrant=False)
+                h = checkpoint(blk, h, emb, text, mask, self.rope, phases, layout, hw, use_reentrant=False)
             else:
-                h = blk(h, emb, text, mask, self.rope, phases, layout)
+                h = blk(h, emb, text, mask, self.rope, phases, layout, hw)
         return h
 
     def unpatch(self, out, Tp, Hp, Wp):
@@ -471,8 +500,8 @@ class VideoDiT(nn.Module):
         B, _, T, H, W = x.shape
         h, phases = self.embed(x, cond)                                    # (B, Tp, S, C)
         emb, text, mask = self.condition(t, cond, h.dtype)
-        h = self.run_blocks(h, emb, text, mask, phases)
         Tp, Hp, Wp = T // c.patch_t, H // c.patch_h, W // c.patch_w
+        h = self.run_blocks(h, emb, text, mask, phases, hw=(Hp, Wp))
         out = self.final(h.reshape(B, Tp * Hp * Wp, c.hidden), emb)        # (B, N, p*Cout)
         return self.unpatch(out, Tp, Hp, Wp)
 

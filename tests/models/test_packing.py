@@ -88,3 +88,49 @@ def test_packed_loss_and_gradients_equal_the_clips_one_by_one():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for n, p in net.named_parameters():
         torch.testing.assert_close(packed_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ----------------------------------------------------------------------------- window attention
+
+def test_window_covering_everything_is_spatial_then_full_attention():
+    """W.A.L.T windows: windows wider than the grid are clipped to it, so the window model equals
+    the same weights run with spatial, then full spacetime attention."""
+    _, win = tiny("window", ["dit.window_spatial=[64,64]", "dit.window_spacetime=[64,64,64]"])
+    _, ref = tiny("factorised")
+    ref.load_state_dict(win.state_dict())
+    for blk in ref.blocks:
+        blk.first_mode, blk.second_mode = "spatial", "full"
+    xs, t, cond = inputs()
+    with torch.no_grad():
+        for i in (0, 2):
+            torch.testing.assert_close(win(xs[i][None], t[i:i + 1], one(cond, i)),
+                                       ref(xs[i][None], t[i:i + 1], one(cond, i)), rtol=1e-5, atol=1e-6)
+
+
+def test_window_attention_stays_inside_its_window():
+    from cascade.models.dit import window_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 6 * 8, 2, 8, generator=g) for _ in range(3))   # T=4, 6x8 grid
+    out = window_attention(q, k, v, (2, 3, 4), (6, 8))
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :2, :3] += 5.0                            # tokens of window (t<2, y=0, x<3)
+    v2[:, :2, :3] -= 5.0
+    out2 = window_attention(q, k2, v2, (2, 3, 4), (6, 8))
+    moved = (out2 - out).abs().amax(dim=(3, 4)).view(4, 6, 8) > 0
+    inside = torch.zeros(4, 6, 8, dtype=torch.bool)
+    inside[:2, :3, :4] = True
+    assert moved[inside].all() and not moved[~inside].any()
+    with pytest.raises(ValueError, match="6x8 token grid is not divisible by the window 1x4x4"):
+        window_attention(q[:, :1], k[:, :1], v[:, :1], (1, 4, 4), (6, 8))
+
+
+def test_window_image_skips_the_spatiotemporal_layer():
+    _, net = tiny("window", ["dit.window_spatial=[2,2]", "dit.window_spacetime=[2,2,2]"])
+    x, t, cond = torch.randn(1, 8, 1, 8, 8), torch.rand(1), one(inputs()[2], 0)
+    with torch.no_grad():
+        clip = torch.randn(1, 8, 4, 8, 8)
+        before, video = net(x, t, cond), net(clip, t, cond)
+        for blk in net.blocks:                      # the temporal layer's weights do not matter
+            blk.temporal.qkv.weight.add_(1.0)
+        torch.testing.assert_close(net(x, t, cond), before, rtol=0, atol=0)
+        assert not torch.allclose(net(clip, t, cond), video)          # a video's does
