@@ -163,6 +163,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True         # decay ramps as min(decay, (1+n)/(10+n)) so short runs still track
     zero_stage: int = 0             # DeepSpeed ZeRO stage 0..3
+    sequence_parallel: int = 1      # DiT stages: DeepSpeed-Ulysses degree; sp consecutive ranks share each sample, 1/sp of its frames each (cascade/parallel.py)
     precision: str = "fp32"         # fp32 | bf16 | fp16 (bf16/fp16 on GPUs)
     log_every: int = 10
     ckpt_every: int = 200
@@ -242,6 +243,7 @@ def validate(cfg: StageConfig) -> StageConfig:
         raise ConfigError(f"train.max_bad_steps: must be >= 0, got {cfg.train.max_bad_steps}")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage: must be 0..3, got {cfg.train.zero_stage}")
+    _validate_sequence_parallel(cfg)
     if len(cfg.vae.temporal_down) != len(cfg.vae.channel_mults) - 1:
         raise ConfigError(f"vae.temporal_down: needs {len(cfg.vae.channel_mults) - 1} entries "
                           f"(one per downsampling), got {len(cfg.vae.temporal_down)}")
@@ -268,6 +270,31 @@ def validate(cfg: StageConfig) -> StageConfig:
     if cfg.stage == "sr":
         _validate_sr(cfg)
     return cfg
+
+
+def _validate_sequence_parallel(cfg: StageConfig) -> None:
+    """train.sequence_parallel (DeepSpeed-Ulysses): what the DiT's sharding of frames and heads
+    needs. That it divides the number of processes is checked when they start (cascade.train)."""
+    sp, d = cfg.train.sequence_parallel, cfg.dit
+    if sp < 1:
+        raise ConfigError(f"train.sequence_parallel: must be >= 1 (1: off), got {sp}")
+    if sp == 1:
+        return
+    why = None
+    if cfg.stage not in ("base", "interp"):
+        why = f"it shards the DiT's frames (base, interp stages), not the '{cfg.stage}' stage's"
+    elif d.heads % sp:
+        why = f"dit.heads={d.heads} is not divisible by it"
+    elif (d.frames // d.patch_t) % sp:
+        why = f"the {d.frames // d.patch_t} latent token frames (dit.frames / dit.patch_t) are not divisible by it"
+    elif d.attention == "window":
+        why = "dit.attention=window is not supported with it"
+    elif cfg.train.pack_tokens:
+        why = "train.pack_tokens is not supported with it"
+    elif cfg.data.image_fraction:
+        why = "data.image_fraction: a 1-frame clip cannot be sharded over frames"
+    if why:
+        raise ConfigError(f"train.sequence_parallel: {sp}: {why}")
 
 
 def _validate_buckets(cfg: StageConfig) -> None:

@@ -3,17 +3,19 @@
 Per stage, per rank, for one training step (one micro batch):
 - parameters, gradients and optimizer state. Mixed precision (bf16/fp16) as DeepSpeed runs it:
   16-bit params (2 B) and grads (2 B) on the GPU, AdamW's fp32 master copy and two moments
-  (12 B); fp32 training: 4 B params, 4 B grads, 8 B moments. ZeRO partitions them over the
-  data-parallel group (world / sp): stage 1 the optimizer state, stage 2 also the gradients,
-  stage 3 also the parameters;
+  (12 B); fp32 training: 4 B params, 4 B grads, 8 B moments. ZeRO partitions them over all
+  `world` ranks, the ranks of an sp group included (they hold the same parameters; cascade.train
+  gives DeepSpeed the whole world, as DeepSpeed-Ulysses' sequence-data-parallel group does):
+  stage 1 the optimizer state, stage 2 also the gradients, stage 3 also the parameters;
 - activations: the bytes autograd keeps for the backward, measured, not modelled: the stage's
   network is built on the meta device (no memory, no compute) and one forward runs on meta inputs
   of the training shape under torch.autograd.graph.saved_tensors_hooks, which sees every tensor
   saved for the backward (counted once per storage; parameters excluded). With checkpointing,
   what a step keeps is measured on the same run: the activations outside the checkpointed blocks,
   the blocks' inputs, and one block's own activations (recomputed in the backward, one at a time).
-  DeepSpeed-Ulysses sequence parallelism (DiT stages) shards every token activation over the sp
-  ranks: divided by sp. Not counted: the frozen VAE / text encoder / LPIPS helpers of a stage,
+  DeepSpeed-Ulysses sequence parallelism (DiT stages, train.sequence_parallel) shards every
+  token activation over the sp ranks: divided by sp (the replicated text and time embeddings
+  and the gathered prediction are small beside them). Not counted: the frozen VAE / text encoder / LPIPS helpers of a stage,
   the backward's transient buffers, the CUDA context and allocator fragmentation, which is why
   a stage "fits" only under HEADROOM of a GPU's memory.
 """
@@ -181,7 +183,7 @@ def plan_stage(cfg, zero: int | None = None, sp: int = 1, checkpointing: bool | 
     batch = batch or cfg.train.batch_size
     net = build_net(_no_checkpoint(cfg), "meta", _dtype(cfg))
     n = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    pb, gb, ob = state_bytes(n, cfg.train.precision, zero, world // sp)
+    pb, gb, ob = state_bytes(n, cfg.train.precision, zero, world)    # ZeRO: over the whole world
     act = measure_activations(cfg, batch, checkpointing) / sp
     return StagePlan(cfg.stage, n, pb, gb, ob, act, batch, sp, checkpointing)
 

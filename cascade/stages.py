@@ -219,6 +219,12 @@ class BaseStage:
                 if n > cfg.train.pack_tokens:
                     raise ConfigError(f"train.pack_tokens: a {'x'.join(map(str, b))} clip makes {n} "
                                       f"tokens, more than a row of {cfg.train.pack_tokens}")
+        sp = cfg.train.sequence_parallel
+        for b in cfg.data.buckets if sp > 1 else []:   # Ulysses shards each bucket's token frames
+            Tp = self.vae.latent_shape(*b)[1] // cfg.dit.patch_t
+            if Tp % sp:
+                raise ConfigError(f"train.sequence_parallel: a {'x'.join(map(str, b))} bucket makes "
+                                  f"{Tp} latent token frames, not divisible by {sp}")
         self.text = load_text_encoder(cfg, "dit", device)
         self.diffusion = Diffusion(cfg.diffusion)
         self.net = VideoDiT(cfg.dit)

@@ -8,7 +8,9 @@ them for inference.
 
 Runs on CPU (gloo, single process or under the `deepspeed` launcher) and on GPUs (nccl). The data a
 process sees is fixed by (step, rank): global sample indices step*G + ... with G the global batch,
-so 1 process and 2 processes train on the same samples.
+so 1 process and 2 processes train on the same samples. With train.sequence_parallel = P
+(DeepSpeed-Ulysses, cascade/parallel.py) the P consecutive ranks of an sp group are one
+data-parallel replica: "rank" and "world" of the data are rank // P and world // P.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from cascade.checksums import write_checksums  # noqa: E402
 from cascade.config import StageConfig, save_config  # noqa: E402
 from cascade.data import build_dataset, collate  # noqa: E402
 from cascade.data.buckets import BucketSampler, data_position, histogram  # noqa: E402
+from cascade.parallel import data_parallel, sequence_parallel_group  # noqa: E402
 from cascade.stages import StageLoss, build_stage, sample_generators  # noqa: E402
 
 
@@ -518,6 +521,8 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     checkpoint a resumed run starts from, and the export folder is replaced whole at the end."""
     rank, world = init_distributed()
     t = cfg.train
+    sp_group = sequence_parallel_group(t.sequence_parallel)   # before any work: a bad sp is one line
+    dp_rank, dp_world = data_parallel(rank, world, t.sequence_parallel)
     out = Path(t.out_dir)
     ckpt_dir = out / "checkpoints"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
@@ -539,6 +544,8 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     torch.manual_seed(t.seed)                                            # same init on every rank
     stage = build_stage(cfg, device)
     net = stage.net.to(device)
+    if sp_group is not None:
+        net.sequence_parallel(sp_group)                # the DiT runs on this rank's frames
     if t.init_from:
         init_weights(net, t.init_from, cfg.stage)
     if t.compile:                              # in place: state_dict keys (EMA, export) unchanged
@@ -566,13 +573,13 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
         trim_log(log_path, start)                      # the steps past the checkpoint run again
 
     sampler = BucketSampler(dataset.bucket_members, len(dataset.buckets), len(dataset), cfg, start,
-                            rank, world, mixed=t.pack_tokens > 0) if cfg.data.buckets \
-        else StepSampler(cfg, start, rank, world)           # packing: each clip its own bucket
+                            dp_rank, dp_world, mixed=t.pack_tokens > 0) if cfg.data.buckets \
+        else StepSampler(cfg, start, dp_rank, dp_world)     # packing: each clip its own bucket
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=t.num_workers)
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and rank == 0),
                desc=f"train {cfg.stage}", dynamic_ncols=True)
     batches = iter(loader)
-    global_batch = t.batch_size * t.grad_accum * world
+    global_batch = t.batch_size * t.grad_accum * dp_world
     tic = time.perf_counter()
     for step in range(start, t.steps):
         totals, why = train_step(engine, stage, guard, batches, cfg, step, rank, world, device)
@@ -624,17 +631,24 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
 def train_step(engine, stage, guard: NonFiniteGuard, batches, cfg: StageConfig, step: int, rank: int,
                world: int, device) -> tuple[dict, str | None]:
     """One optimizer step over train.grad_accum micro batches -> (the losses averaged over micro
-    batches and processes, why the NaN guard skipped the step or None)."""
+    batches and processes, why the NaN guard skipped the step or None).
+
+    Sequence parallel (sp = train.sequence_parallel > 1): the sp ranks of a group draw the same
+    samples (data-parallel rank and world), each loss is the whole clip's, and each rank's
+    gradients are its frames' share of it; DeepSpeed averages gradients over all `world` ranks,
+    so the backward loss is sp x the loss: the result is the mean over the world / sp replicas."""
     t, totals, loss_finite, why = cfg.train, {}, True, None
+    sp = t.sequence_parallel
+    dp_rank, dp_world = data_parallel(rank, world, sp)
     for micro in range(t.grad_accum):
         batch = next(batches)
         if image_step(t.seed, step, cfg.data.image_fraction):              # W.A.L.T joint training
             batch = {**batch, **{k: [v[:, :1] for v in batch[k]] if isinstance(batch[k], list)
                                  else batch[k][:, :, :1] for k in FRAME_KEYS if k in batch}}
-        gens = sample_generators(t.seed, step_indices(step, micro, rank, cfg, world))
+        gens = sample_generators(t.seed, step_indices(step, micro, dp_rank, cfg, dp_world))
         inputs = stage.prepare(batch, gens, device)
         loss, logs = engine(inputs)
-        engine.backward(loss)
+        engine.backward(loss * sp if sp > 1 else loss)  # logged: the loss itself
         values = {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
         loss_finite = loss_finite and math.isfinite(values["loss"])
         if micro == t.grad_accum - 1:
@@ -642,7 +656,7 @@ def train_step(engine, stage, guard: NonFiniteGuard, batches, cfg: StageConfig, 
         engine.step()
         for k, v in values.items():
             totals[k] = totals.get(k, 0.0) + v / t.grad_accum
-    if world > 1:                                                        # mean over processes
+    if world > 1:                        # mean over processes (an sp group's are equal)
         vec = torch.tensor(list(totals.values()), dtype=torch.float64)
         dist.all_reduce(vec)
         totals = dict(zip(totals, (vec / world).tolist()))

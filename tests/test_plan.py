@@ -60,8 +60,8 @@ def test_zero_and_sequence_parallel_divide_their_share():
     cfg = load_config(REPO / "configs/tiny/base.yaml", TINY["base"] + ["train.precision=bf16"])
     p0 = plan_stage(cfg, zero=0, world=8)
     assert (p0.param_bytes, p0.grad_bytes, p0.optim_bytes) == (2 * p0.params, 2 * p0.params, 12 * p0.params)
-    p3 = plan_stage(cfg, zero=3, world=8, sp=2)        # data-parallel group: 8 / 2 = 4 ranks
-    assert (p3.param_bytes, p3.grad_bytes, p3.optim_bytes) == (p0.params / 2, p0.params / 2, 3 * p0.params)
+    p3 = plan_stage(cfg, zero=3, world=8, sp=2)        # ZeRO over all 8 ranks (sp groups included)
+    assert (p3.param_bytes, p3.grad_bytes, p3.optim_bytes) == (p0.params / 4, p0.params / 4, 1.5 * p0.params)
     assert p3.act_bytes == pytest.approx(p0.act_bytes / 2)
     assert plan_stage(cfg, zero=0, world=1, batch=4).act_bytes == pytest.approx(2 * p0.act_bytes, rel=0.05)
 

@@ -5,19 +5,23 @@ tubelet tokens, with factorised space-time attention (ViViT model 3: spatial att
 frame, then temporal attention across frames at one position) or full spacetime attention,
 3D rotary positions (RoFormer, Su et al. 2021, one frequency band per axis) or 3D sin-cos, and text
 cross-attention to the frozen encoder's tokens (PixArt-alpha style). The network is
-`net(x_t, t, cond) -> prediction`, called by the shared diffusion core.
+`net(x_t, t, cond) -> prediction`, called by the shared diffusion core. Sequence parallelism
+(DeepSpeed-Ulysses, cascade/parallel.py): `VideoDiT.sequence_parallel(group)` makes the forward
+run on this rank's frames and gather the prediction.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from cascade.config import DiTConfig
+from cascade.parallel import gather_frames, ulysses_attention
 from kernels.attention import cross_attention, spacetime_attention
 from kernels.layer_norm_modulate import layer_norm_modulate_linear
 
@@ -44,9 +48,10 @@ def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=-1)         # (N, dim)
 
 
-def grid_positions(T: int, H: int, W: int, device) -> torch.Tensor:
-    """(T*H*W, 3) integer (t, h, w) positions of the token grid, frame-major."""
-    t, h, w = torch.meshgrid(torch.arange(T, device=device), torch.arange(H, device=device),
+def grid_positions(T: int, H: int, W: int, device, t0: int = 0) -> torch.Tensor:
+    """(T*H*W, 3) integer (t, h, w) positions of the token grid, frame-major; frames t0..t0+T-1
+    (t0: a sequence-parallel shard's first frame)."""
+    t, h, w = torch.meshgrid(torch.arange(t0, t0 + T, device=device), torch.arange(H, device=device),
                              torch.arange(W, device=device), indexing="ij")
     return torch.stack([t, h, w], dim=-1).reshape(-1, 3)
 
@@ -68,9 +73,10 @@ class Rope3D(nn.Module):
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, self.band, 2).float() / self.band),
                              persistent=False)
 
-    def phases(self, T, H, W, device) -> torch.Tensor:
-        """(T, S, D/2) complex unit phases exp(i * angle); 1 on the pass-through pairs."""
-        pos = grid_positions(T, H, W, device).float()                   # (N, 3)
+    def phases(self, T, H, W, device, t0: int = 0) -> torch.Tensor:
+        """(T, S, D/2) complex unit phases exp(i * angle) of frames t0..t0+T-1; 1 on the
+        pass-through pairs."""
+        pos = grid_positions(T, H, W, device, t0).float()               # (N, 3)
         ang = (pos[:, :, None] * self.inv_freq.to(device)[None, None]).reshape(T, H * W, -1)
         ang = F.pad(ang, (0, self.head_dim // 2 - ang.shape[-1]))       # (T, S, D/2)
         return torch.polar(torch.ones_like(ang), ang)
@@ -205,7 +211,12 @@ def window_attention(q, k, v, window: tuple[int, int, int], hw: tuple[int, int],
 class SelfAttention(nn.Module):
     """adaLN-modulated fused QKV projection, attention over `mode` (spatial | temporal | full) by the
     kernels, and the output projection added to the residual stream under the adaLN-Zero gate:
-    x + gate * proj(attn(LN(x) * (1 + scale) + shift))."""
+    x + gate * proj(attn(LN(x) * (1 + scale) + shift)).
+
+    sp_group (set by VideoDiT.sequence_parallel): x holds this rank's frames of the sequence, and
+    temporal / full attention runs over all of them through Ulysses' all-to-alls."""
+
+    sp_group = None
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -225,8 +236,13 @@ class SelfAttention(nn.Module):
             attn_scale = 1.0                                             # q came pre-scaled
         else:
             q, k, v = qkv.unbind(3)                                      # strided views, no copy
+        if self.sp_group is not None and (layout is not None or not isinstance(mode, str)):
+            raise ValueError("train.sequence_parallel: sequence parallelism does not take "
+                             "train.pack_tokens or dit.attention=window")
         if layout is not None:                     # packed (1, 1, total, ...): varlen, per clip
             o = layout.attention(*(a.reshape(T * S, self.heads, -1) for a in (q, k, v)), mode, attn_scale)
+        elif self.sp_group is not None:            # frames sharded over the sp group (Ulysses)
+            o = ulysses_attention(q, k, v, mode, self.sp_group, scale=attn_scale)
         elif not isinstance(mode, str):
             o = window_attention(q, k, v, mode, hw, scale=attn_scale)        # (B, T, S, h, d)
         else:
@@ -371,6 +387,8 @@ class VideoDiT(nn.Module):
     tokens are made from concat(x, frames, mask) along channels; aug_t gets its own timestep MLP,
     added to the time embedding (conditioning augmentation, Ho et al. 2022 CDM Sec. 3)."""
 
+    sp_group = None                    # sequence parallelism: see `sequence_parallel`
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
@@ -416,6 +434,30 @@ class VideoDiT(nn.Module):
         if self.frame_pos is not None:
             nn.init.zeros_(self.frame_pos.proj.weight)
 
+    def sequence_parallel(self, group) -> None:
+        """DeepSpeed-Ulysses (cascade/parallel.py) over `group` (None: off). `forward` then keeps
+        this rank's T/P latent frames of x (and of cond's frames / frame_mask), at their global RoPE
+        or sin-cos positions; spatial attention, adaLN, cross-attention and the MLP run on them
+        locally, temporal and full attention through `ulysses_attention`, and the prediction's
+        frames are gathered (`gather_frames`: backward, this rank's slice), so the caller sees the
+        whole clip's prediction and each rank's parameter gradients are its frames' share."""
+        self.sp_group = group
+        for m in self.modules():
+            if isinstance(m, SelfAttention):
+                m.sp_group = group
+
+    def shard(self, x, cond) -> tuple[torch.Tensor, dict, int]:
+        """x (B, C, T, H, W) -> (this rank's T/P frames, cond with its frames / frame_mask cut the
+        same way, the shard's first token frame)."""
+        P, r = dist.get_world_size(self.sp_group), dist.get_rank(self.sp_group)
+        T, Tp = x.shape[2], x.shape[2] // self.cfg.patch_t
+        if Tp % P:
+            raise ValueError(f"train.sequence_parallel: {Tp} latent token frames are not divisible "
+                             f"by sp={P}")
+        cut = lambda a: a.narrow(2, r * (T // P), T // P) if a.shape[2] == T else a   # noqa: E731
+        cond = {**cond, **{k: cut(cond[k]) for k in ("frames", "frame_mask") if k in cond}}
+        return cut(x), cond, r * (Tp // P)
+
     def zero_init_keys(self) -> list[str]:
         """Parameters that start at zero and that an export of a model without them may lack
         (`train.init_from` starts them at zero): the in-frame position's projection."""
@@ -440,9 +482,10 @@ class VideoDiT(nn.Module):
         B, _, T, H, W = x.shape
         return torch.cat([x, frames.to(x.dtype), mask.to(x.dtype).expand(B, 1, T, H, W)], dim=1)
 
-    def embed(self, x, cond):
+    def embed(self, x, cond, t0: int = 0):
         """x (B, C, T, H, W) -> tokens (B, Tp, S, hidden) with their positions: (tokens, RoPE
-        phases (Tp, S, d/2) or None); the interp stage's keyframes are concatenated first."""
+        phases (Tp, S, d/2) or None); the interp stage's keyframes are concatenated first.
+        t0: the first token frame's index (a sequence-parallel shard of a longer clip)."""
         c = self.cfg
         B, _, T, H, W = x.shape
         self.check_shape(T, H, W)
@@ -456,9 +499,9 @@ class VideoDiT(nn.Module):
         h = self.patch(tok)                                                # (B, Tp, S, C)
         phases = None
         if self.rope is not None:
-            phases = self.rope.phases(Tp, Hp, Wp, x.device)                   # (Tp, S, d/2) complex
+            phases = self.rope.phases(Tp, Hp, Wp, x.device, t0)               # (Tp, S, d/2) complex
         else:
-            pos = grid_positions(Tp, Hp, Wp, x.device)
+            pos = grid_positions(Tp, Hp, Wp, x.device, t0)
             d = c.hidden // 3 // 2 * 2
             pe = torch.cat([sincos_1d(pos[:, i], d) for i in range(3)], -1)
             h = h + F.pad(pe, (0, c.hidden - 3 * d)).view(1, Tp, Hp * Wp, c.hidden).to(h.dtype)
@@ -497,13 +540,18 @@ class VideoDiT(nn.Module):
 
     def forward(self, x, t, cond):
         c = self.cfg
+        t0 = 0
+        if self.sp_group is not None:             # Ulysses: this rank's frames (sequence_parallel)
+            self.check_shape(*x.shape[2:])
+            x, cond, t0 = self.shard(x, cond)                               # (B, C, T/P, H, W)
         B, _, T, H, W = x.shape
-        h, phases = self.embed(x, cond)                                    # (B, Tp, S, C)
+        h, phases = self.embed(x, cond, t0)                                # (B, Tp, S, C)
         emb, text, mask = self.condition(t, cond, h.dtype)
         Tp, Hp, Wp = T // c.patch_t, H // c.patch_h, W // c.patch_w
         h = self.run_blocks(h, emb, text, mask, phases, hw=(Hp, Wp))
         out = self.final(h.reshape(B, Tp * Hp * Wp, c.hidden), emb)        # (B, N, p*Cout)
-        return self.unpatch(out, Tp, Hp, Wp)
+        out = self.unpatch(out, Tp, Hp, Wp)                                # (B, Cout, T, H, W)
+        return out if self.sp_group is None else gather_frames(out, self.sp_group, dim=2)
 
     def forward_packed(self, xs: list[torch.Tensor], t, cond, row_len: int) -> list[torch.Tensor]:
         """NaViT packing (cascade.models.packing): clips xs[i] (C, T_i, H_i, W_i) of any shapes,
@@ -512,6 +560,8 @@ class VideoDiT(nn.Module):
         tokens attend only to its own (varlen attention); the result equals `forward` on each
         clip alone, up to float rounding (tests/models/test_packing.py)."""
         from cascade.models.packing import PackedLayout
+        if self.sp_group is not None:
+            raise ValueError("train.pack_tokens: packing does not take train.sequence_parallel > 1")
         if self.cfg.cond_frames:
             raise ValueError("train.pack_tokens: packing is for the base DiT (the interp stage's "
                              "keyframe inputs are not packed)")
