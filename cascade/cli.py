@@ -297,7 +297,7 @@ def cmd_eval(args) -> None:
     report = evaluate(find_stages(args, cc, {"vae", "base"}, train=False), prompts,
                       seed=args.seed, sampling=resolve_sampling(args, cc), batch_size=args.batch_size,
                       heldout=args.heldout, lpips=args.lpips, device=device,
-                      progress=not args.no_progress)
+                      size=(args.height, args.width), progress=not args.no_progress)
     print(markdown(report))
     for path in write_report(report, args.out):
         print(f"wrote {path}")
@@ -376,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="outputs/eval")
     add_sampling_flags(e)
     e.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    e.add_argument("--height", type=int, help="sample at this output height (as cascade sample)")
+    e.add_argument("--width", type=int, help="sample at this output width (as cascade sample)")
     e.add_argument("--heldout", type=int, default=8, help="held-out clips per stage for the "
                    "per-stage quality (0: skip it)")
     e.add_argument("--lpips", choices=("auto", "pretrained", "random", "off"), default="auto",

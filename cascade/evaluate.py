@@ -453,8 +453,9 @@ class EvalReport:
 
 def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = None,
              batch_size: int = 8, heldout: int = 8, lpips: str = "auto", device="cpu",
-             progress: bool = True) -> EvalReport:
-    """Run every measurement on the cascade in `folder` (see the module docstring)."""
+             size: tuple = (None, None), progress: bool = True) -> EvalReport:
+    """Run every measurement on the cascade in `folder` (see the module docstring). size: the
+    videos' (height, width) in pixels, None for the trained size (the analyser reads any)."""
     from tqdm.auto import tqdm
 
     from cascade.pipeline import DIFFUSION_STAGES, Pipeline, StageSampling
@@ -478,7 +479,8 @@ def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = 
     bar = tqdm(total=chunks * (1 + (has_i and has_s)) + 1 + (heldout > 0), desc="eval",
                disable=not progress)
     bar.set_postfix_str("sampling")
-    variants = generate_variants(pipe, prompts, seed, sampling, batch_size, bar)
+    variants = generate_variants(pipe, prompts, seed, {**sampling, "height": size[0], "width": size[1]},
+                                 batch_size, bar)
     bar.set_postfix_str("scoring")
     rows, videos = [], {}
     for name, (v, ts) in variants.items():
@@ -502,6 +504,7 @@ def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = 
         skipped.append("stage quality: --heldout 0")
     bar.close()
     info = {"stages_folder": str(folder), "seed": seed, "num_prompts": len(prompts), "prompts": prompts,
+            "size": list(size),
             "batch_size": batch_size, "heldout_clips": heldout, "lpips": lp_name, "device": str(device),
             "sampling": {st.name: vars(sampling[st.name].over(StageSampling(
                 st.cfg.diffusion.steps, st.cfg.diffusion.guidance, st.cfg.diffusion.sampler)))

@@ -118,6 +118,15 @@ def test_cli_eval_base_only_skips_what_is_missing(stages, tmp_path, capsys):  # 
     assert set(json.loads((out / "eval.json").read_text())["stages"]) == {"vae"}
 
 
+def test_cli_eval_at_a_non_square_size(stages, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "eval"
+    rc = main(["eval", "--stages", str(stages), "--num-prompts", "2", "--steps", "1", "--heldout", "0",
+               "--lpips", "off", "--height", "16", "--width", "24", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().out
+    rows = read_csv(out / "eval.csv")
+    assert [r["size"] for r in rows] == ["16x24", "16x24"]                # the truth rendered there too
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--stages", "/nonexistent/stages"], "stages folder not found"),
     (["eval", "--num-prompts", "0"], "--num-prompts must be >= 1"),
