@@ -12,6 +12,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cascade.registry import DIT_SIZES, SAMPLER_NAMES, STAGES
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the problem."""
@@ -193,14 +195,13 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-STAGES = ("vae", "base", "interp", "sr")
 CHOICES = {
     "data.kind": ("synthetic", "folder", "cache"),   # cache: data.root = a `cascade cache` folder
     "dit.attention": ("factorised", "full", "hybrid", "window"),
     "dit.pos": ("rope", "sincos"),
     "diffusion.schedule": ("cosine", "shifted_cosine"),
     "diffusion.prediction": ("v", "eps", "x0"),
-    "diffusion.sampler": ("ddim", "dpmpp_2m", "euler_ancestral"),
+    "diffusion.sampler": SAMPLER_NAMES,
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.schedule": ("constant", "cosine"),
     "sr.downsample": ("area", "bilinear"),
@@ -440,10 +441,9 @@ def read_yaml(path: str | Path):
 
 
 def _apply_dit_size(cfg) -> None:
-    """A named DiT size fills hidden/depth/heads (the registry lives beside the model)."""
+    """A named DiT size fills hidden/depth/heads (cascade.registry.DIT_SIZES)."""
     if not cfg.dit.size:
         return
-    from cascade.models.dit import DIT_SIZES
     if cfg.dit.size not in DIT_SIZES:
         raise ConfigError(f"dit.size: '{cfg.dit.size}' is not one of {', '.join(DIT_SIZES)}")
     for k, v in DIT_SIZES[cfg.dit.size].items():

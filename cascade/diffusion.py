@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cascade.config import DiffusionConfig
+from cascade.registry import SAMPLER_NAMES
 
 LOGSNR_MIN, LOGSNR_MAX = -15.0, 15.0
 PREDICTIONS = ("v", "eps", "x0")
@@ -382,8 +383,4 @@ def sample_euler_ancestral(denoise, x, ts, generator=None, progress=False):
     return x
 
 
-SAMPLERS = {
-    "ddim": sample_ddim,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "euler_ancestral": sample_euler_ancestral,
-}
+SAMPLERS = dict(zip(SAMPLER_NAMES, (sample_ddim, sample_dpmpp_2m, sample_euler_ancestral)))  # by name

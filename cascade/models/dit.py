@@ -23,29 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from cascade.config import DiTConfig
 from cascade.parallel import gather_frames, ulysses_attention
 from kernels.attention import cross_attention, spacetime_attention
-from kernels.layer_norm_modulate import layer_norm_modulate_linear
+from cascade.models.layers import gated, modulated_linear, sincos_1d, timestep_embedding
 
-# DiT's model sizes (Table 1 of the paper); the CLI and configs accept these names.
-DIT_SIZES = {
-    "S": dict(hidden=384, depth=12, heads=6),
-    "B": dict(hidden=768, depth=12, heads=12),
-    "L": dict(hidden=1024, depth=24, heads=16),
-    "XL": dict(hidden=1152, depth=28, heads=16),
-}
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of continuous t in [0, 1] (scaled to [0, 1000] as in DDPM)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]                   # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)       # (B, dim)
-
-
-def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, device=pos.device) / (dim // 2))
-    out = pos.float()[:, None] * omega[None]                            # (N, dim/2)
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=-1)         # (N, dim)
 
 
 def grid_positions(T: int, H: int, W: int, device, t0: int = 0) -> torch.Tensor:
@@ -132,61 +111,6 @@ class RopeQKV(torch.autograd.Function):
         else:
             g[:, :, :, 2].copy_(dv)
         return g, None, None
-
-
-class GatedLinear(torch.autograd.Function):
-    """adaLN-Zero's gated residual around a block's output projection, x + g * (o @ W^T + b), as one
-    GEMM: the per-sample gate is folded into the weights (W * g: C x C_in per sample) and the
-    residual and the gated bias into the GEMM's accumulator (baddbmm with beta 1). Against
-    linear + addcmul this skips writing the projection's output, one elementwise pass forward and
-    two backward (grad * g, and grad * f for dg), and does not save the projection's output.
-    x: (B, N, C), g: (B, C), o: (B, N, C_in), W: (C, C_in), b: (C,) -> (B, N, C) in x's dtype."""
-
-    @staticmethod
-    def forward(ctx, x, g, o, W, b):
-        Wg = (W * g[:, :, None]).to(o.dtype)                             # (B, C, C_in)
-        out = x + (b * g)[:, None].to(x.dtype)                           # (B, N, C)
-        if o.dtype == x.dtype:
-            out.baddbmm_(o, Wg.transpose(1, 2))
-        else:                                                            # autocast: o in bf16/fp16
-            out += torch.bmm(o, Wg.transpose(1, 2)).to(x.dtype)
-        ctx.save_for_backward(g, o, W, b)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):                                             # (B, N, C)
-        g, o, W, b = ctx.saved_tensors
-        gc = grad.to(o.dtype)
-        do = torch.bmm(gc, (W * g[:, :, None]).to(o.dtype))              # (B, N, C_in)
-        dWg = torch.bmm(gc.transpose(1, 2), o).to(W.dtype)               # (B, C, C_in) per sample
-        gsum = grad.sum(1).to(W.dtype)                                   # (B, C)
-        dg = ((dWg * W).sum(2) + gsum * b).to(g.dtype)
-        dW = (dWg * g[:, :, None].to(W.dtype)).sum(0)
-        db = (gsum * g.to(W.dtype)).sum(0)
-        return grad, dg, do, dW, db
-
-
-def gated_linear(x, g, o, linear: nn.Linear):
-    """x + g * linear(o) (GatedLinear) for x (B, ..., C), g (B, C), o (B, ..., C_in)."""
-    B, C = x.shape[0], x.shape[-1]
-    out = GatedLinear.apply(x.reshape(B, -1, C), g, o.reshape(B, -1, o.shape[-1]),
-                            linear.weight, linear.bias)
-    return out.view(x.shape)
-
-
-def modulated_linear(x, shift, scale, linear: nn.Linear, layout=None):
-    """linear(LN(x) * (1 + scale) + shift) for x (B, N, C), shift and scale (B, C) (the fused
-    kernel path); packed (layout given): x (1, total, C) with a shift and scale per token (total, C)."""
-    if layout is None:
-        return layer_norm_modulate_linear(x, shift, scale, linear.weight, linear.bias)
-    return linear(F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift)
-
-
-def gated(x, g, o, linear: nn.Linear, layout=None):
-    """x + g * linear(o) (adaLN-Zero's gated residual); packed: g per token (total, C)."""
-    if layout is None:
-        return gated_linear(x, g, o, linear)
-    return x + g * linear(o)
 
 
 def window_attention(q, k, v, window: tuple[int, int, int], hw: tuple[int, int], scale=None):

@@ -27,22 +27,10 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from cascade.config import UNetConfig
-from cascade.models.dit import sincos_1d, timestep_embedding
+from cascade.models.layers import Conv2plus1d, conv_params, sincos_1d, timestep_embedding
 from kernels.attention import cross_attention, spacetime_attention
-from kernels.conv2plus1d import conv2plus1d
 from kernels.conv3d import conv3d
 from kernels.group_norm_silu import group_norm_silu
-
-
-def conv_params(cout: int, cin: int, kt: int, kh: int, kw: int, zero: bool = False):
-    """Weight (Cout, Cin, kt, kh, kw) and bias (Cout,) initialised as nn.Conv3d's (or zeros)."""
-    w, b = nn.Parameter(torch.empty(cout, cin, kt, kh, kw)), nn.Parameter(torch.empty(cout))
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-    nn.init.uniform_(b, -1 / math.sqrt(cin * kt * kh * kw), 1 / math.sqrt(cin * kt * kh * kw))
-    if zero:
-        nn.init.zeros_(w)
-        nn.init.zeros_(b)
-    return w, b
 
 
 class Conv(nn.Module):
@@ -55,20 +43,6 @@ class Conv(nn.Module):
 
     def forward(self, x):                                                # (B, Cin, T, H, W)
         return conv3d(x, self.weight, self.bias, self.stride, self.padding)
-
-
-class Conv2plus1d(nn.Module):
-    """Space-time separable conv (Imagen Video): k x k per frame to Cout, then temporal kt
-    ('same' in time, or causal: past frames only, for the VAE's decoder)."""
-
-    def __init__(self, cin: int, cout: int, k: int = 3, kt: int = 3, zero=False, causal=False):
-        super().__init__()
-        self.causal = causal
-        self.ws, self.bs = conv_params(cout, cin, 1, k, k)               # (Cout, Cin, 1, k, k)
-        self.wt, self.bt = conv_params(cout, cout, kt, 1, 1, zero)       # (Cout, Cout, kt, 1, 1)
-
-    def forward(self, x):                                                # (B, Cin, T, H, W)
-        return conv2plus1d(x, self.ws, self.bs, self.wt, self.bt, causal=self.causal)
 
 
 class Norm(nn.Module):

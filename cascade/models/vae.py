@@ -34,7 +34,6 @@ the same way, 2D blocks with temporal convs), 2.25x fewer taps than the full 3 x
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from cascade.config import VAEConfig
-from cascade.models.unet import Conv2plus1d
+from cascade.models.layers import Conv2plus1d, conv_params
 from kernels.attention import spacetime_attention
 from kernels.conv3d import conv3d
 from kernels.group_norm_silu import group_norm_silu
@@ -60,11 +59,7 @@ class CausalConv3d(nn.Module):
         super().__init__()
         k = _triple(kernel)
         self.stride, self.padding = _triple(stride), (0, k[1] // 2, k[2] // 2)
-        self.weight = nn.Parameter(torch.empty(cout, cin, *k))               # (Cout, Cin, kt, kh, kw)
-        self.bias = nn.Parameter(torch.empty(cout))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))                # as nn.Conv3d
-        bound = 1 / math.sqrt(cin * k[0] * k[1] * k[2])
-        nn.init.uniform_(self.bias, -bound, bound)
+        self.weight, self.bias = conv_params(cout, cin, *k)                  # (Cout, Cin, kt, kh, kw), as nn.Conv3d
 
     def forward(self, x):                                                    # (B, Cin, T, H, W)
         return conv3d(x, self.weight, self.bias, self.stride, self.padding, causal=True)

@@ -4,7 +4,9 @@ import torch
 import kernels.attention as attention
 from cascade.config import ConfigError, DiTConfig, load_config
 from cascade.models import dit as dit_mod
-from cascade.models.dit import DIT_SIZES, Rope3D, RopeQKV, VideoDiT, gated_linear
+from cascade.models.dit import Rope3D, RopeQKV, VideoDiT
+from cascade.models.layers import gated_linear
+from cascade.registry import DIT_SIZES
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 

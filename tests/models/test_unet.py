@@ -60,14 +60,17 @@ def test_backward_reaches_every_parameter():
 
 
 def spy(monkeypatch, calls):
-    """Replace the kernel functions unet.py imported by counting wrappers; record each call."""
+    """Replace the kernel functions unet.py (and the shared layers it uses) imported by counting
+    wrappers; record each call."""
+    import cascade.models.layers as layers_mod
     for name in ("conv3d", "conv2plus1d", "group_norm_silu", "spacetime_attention", "cross_attention"):
-        real = getattr(unet_mod, name)
+        mod = layers_mod if name == "conv2plus1d" else unet_mod
+        real = getattr(mod, name)
 
         def wrapper(*a, _real=real, _name=name, **k):
             calls.append((_name, a, k))
             return _real(*a, **k)
-        monkeypatch.setattr(unet_mod, name, wrapper)
+        monkeypatch.setattr(mod, name, wrapper)
 
 
 def test_models_call_the_kernel_functions(monkeypatch):
