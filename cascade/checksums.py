@@ -2,7 +2,7 @@
 
 The format is `sha256sum`'s ("<64 hex digits>  <file name>" per line), so a copy can also be
 checked by hand: `cd <export folder> && sha256sum -c SHA256SUMS`. `cascade train` writes it into
-every export (cascade/train.py `export`), and `load_export` (cascade/stages.py) verifies it when
+every export (cascade/train.py `export`), and `load_export` (cascade/stages/common.py) verifies it when
 it is there: a weights file changed or half-copied since its export is a one-line error naming
 the file, never a model that samples noise. An export from before checksums has no SHA256SUMS and
 loads as it did.

@@ -154,20 +154,20 @@ def read_prompts(args) -> list[str]:
 
 def _stage_sampling(args, stage: str):
     """--<stage>-steps/-guidance/-sampler; None where not given (then --steps etc. apply)."""
-    from cascade.pipeline import StageSampling
+    from cascade.sampling import StageSampling
     return StageSampling(*(getattr(args, f"{stage}_{k}") for k in ("steps", "guidance", "sampler")))
 
 
 def resolve_sampling(args, cc: CascadeConfig) -> dict:
     """{stage: StageSampling} for base, interp, sr. Each stage: --<stage>-* > --steps/--guidance/
     --sampler > the cascade's sample defaults (its `sample` section for base, sample.interp /
-    sample.sr) > the stage's own config (the None left over)."""
-    from cascade.pipeline import StageSampling
+    sample.sr) > the stage's own config (the None left over: `sampling.resolve_sampling`)."""
+    from cascade.sampling import StageSampling, resolve_sampling as resolve
     every = StageSampling(args.steps, args.guidance, args.sampler)
     defaults = {"base": StageSampling(cc.sample.steps, cc.sample.guidance, cc.sample.sampler),
                 "interp": StageSampling(**vars(cc.sample.interp)),
                 "sr": StageSampling(**vars(cc.sample.sr))}
-    return {name: _stage_sampling(args, name).over(every).over(default)
+    return {name: resolve(_stage_sampling(args, name), every, default)
             for name, default in defaults.items()}
 
 
@@ -189,7 +189,8 @@ MAX_SIZE = 16384        # pixels of `cascade sample --height / --width`
 def check_sampling_args(args) -> None:
     """Sampling numbers a user can mistype, checked before anything is loaded or allocated:
     finite, in range (the Pipeline's own bounds); one-line ValueError naming the flag."""
-    from cascade.pipeline import MAX_FRAMES, MAX_GUIDANCE, MAX_STEPS, MAX_VIDEOS, check_number
+    from cascade.pipeline import MAX_FRAMES, MAX_VIDEOS
+    from cascade.sampling import MAX_GUIDANCE, MAX_STEPS, check_number
     for stage in ("", "base_", "interp_", "sr_"):
         flag = "--" + stage.replace("_", "-")
         check_number(f"{flag}steps", getattr(args, f"{stage}steps", None), 1, MAX_STEPS, integer=True)

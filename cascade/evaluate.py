@@ -407,13 +407,12 @@ def stage_quality(pipe, sampling: dict, clips: int = 8, seed: int = 0, lp=None) 
     if pipe.interp is not None:
         st = pipe.interp
         videos, captions = _heldout(st.cfg.data, clips)
-        enc = pipe._encoders[st.text_key]
         z = vae.encode_latents(videos.to(dev))                                   # (N, C, F, h, w)
         r = st.cfg.interp.rate
         keys = z[:, :, ::r]                                                      # (N, C, K, h, w)
         gen = torch.Generator().manual_seed(seed)
-        filled = pipe._interpolate(keys, enc(captions), enc.null(len(captions)), sampling["interp"],
-                                   gen, False)                                   # (N, C, F, h, w)
+        filled = st.sample(keys, *st.encode_text(captions), sampling["interp"], gen,
+                           False)                                                # (N, C, F, h, w)
         lerp = keyframe_lerp(keys, r)                                             # (N, C, F, h, w)
         dec = lambda x: vae.decode_latents(x).clamp(-1, 1)  # noqa: E731
         frames = {"": dec(filled), "baseline_lerp_": dec(lerp), "vae_ceiling_": dec(z)}
@@ -430,10 +429,9 @@ def stage_quality(pipe, sampling: dict, clips: int = 8, seed: int = 0, lp=None) 
         st = pipe.sr
         videos, captions = _heldout(st.cfg.data, clips)
         low = downsample_video(videos, st.cfg.sr.scale, st.cfg.sr.downsample)     # (N, 3, T, H/s, W/s)
-        enc = pipe._encoders[st.text_key]
         gen = torch.Generator().manual_seed(seed)
-        up = pipe._super_resolve(low.to(dev), enc(captions), enc.null(len(captions)), sampling["sr"],
-                                 gen, False)                                     # (N, 3, T, H, W)
+        up = st.sample(low.to(dev), *st.encode_text(captions), sampling["sr"], gen,
+                       False)                                                    # (N, 3, T, H, W)
         out["sr"] = {"psnr": _mean_psnr(up, videos),
                      "baseline_bilinear_psnr": _mean_psnr(upsample_video(low, st.cfg.sr.scale), videos)}
     return out
@@ -458,7 +456,8 @@ def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = 
     videos' (height, width) in pixels, None for the trained size (the analyser reads any)."""
     from tqdm.auto import tqdm
 
-    from cascade.pipeline import DIFFUSION_STAGES, Pipeline, StageSampling
+    from cascade.pipeline import DIFFUSION_STAGES, Pipeline
+    from cascade.sampling import StageSampling, resolve_sampling
     if not prompts:
         raise ValueError("eval: needs at least one prompt (--num-prompts >= 1)")
     if batch_size < 1 or heldout < 0:
@@ -506,9 +505,8 @@ def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = 
     info = {"stages_folder": str(folder), "seed": seed, "num_prompts": len(prompts), "prompts": prompts,
             "size": list(size),
             "batch_size": batch_size, "heldout_clips": heldout, "lpips": lp_name, "device": str(device),
-            "sampling": {st.name: vars(sampling[st.name].over(StageSampling(
-                st.cfg.diffusion.steps, st.cfg.diffusion.guidance, st.cfg.diffusion.sampler)))
-                for st in (pipe.base, pipe.interp, pipe.sr) if st is not None}}
+            "sampling": {st.name: vars(resolve_sampling(sampling[st.name], config=st.cfg.diffusion))
+                         for st in pipe.diffusion_stages()}}
     return EvalReport(rows, stages, skipped, info, videos, variants["full"][0])
 
 

@@ -332,8 +332,7 @@ def test_sr_residual_is_scaled_back(full, monkeypatch):
     from cascade.models.unet import upsample_video
     pipe = Pipeline(full, use_interp=False)
     pipe.sr.cfg.sr.residual, pipe.sr.cfg.sr.residual_scale = True, 4.0
-    monkeypatch.setattr(pipe, "_sample", lambda st, z, *a, **k: torch.full_like(z, 0.4))
+    monkeypatch.setattr(pipe.sr, "denoise", lambda z, *a, **k: torch.full_like(z, 0.4))
     low = torch.rand(1, 3, 5, 16, 16) * 1.6 - 0.8
-    enc = pipe._encoders[pipe.sr.text_key]
-    out = pipe._super_resolve(low, enc([PROMPT]), enc.null(1), None, torch.Generator(), False)
+    out = pipe.sr.sample(low, *pipe.sr.encode_text([PROMPT]), None, torch.Generator(), False)
     torch.testing.assert_close(out, (upsample_video(low, 2) + 0.1).clamp(-1, 1))
