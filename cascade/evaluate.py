@@ -456,7 +456,8 @@ def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = 
     videos' (height, width) in pixels, None for the trained size (the analyser reads any)."""
     from tqdm.auto import tqdm
 
-    from cascade.pipeline import DIFFUSION_STAGES, Pipeline
+    from cascade.pipeline import Pipeline
+    from cascade.registry import DIFFUSION_STAGES
     from cascade.sampling import StageSampling, resolve_sampling
     if not prompts:
         raise ValueError("eval: needs at least one prompt (--num-prompts >= 1)")

@@ -31,9 +31,6 @@ from cascade.text import check_prompts
 __all__ = ["MAX_GUIDANCE", "MAX_STEPS", "Pipeline", "Result", "StageSampling", "check_number",
            "keyframe_groups", "resolve_sampling"]          # re-exported: where callers import them
 
-STAGE_NAMES = ("vae", "base", "interp", "sr")
-REQUIRED_STAGES = ("vae", "base")
-DIFFUSION_STAGES = ("base", "interp", "sr")
 MAX_EXTENT = 4          # an output axis may be up to 4x the trained size (Pipeline.latent_size_for)
 MAX_FRAMES = 4096       # output frames (Pipeline(frames=), cascade sample --frames)
 MAX_VIDEOS = 1024       # videos per prompt, and per batch

@@ -54,7 +54,7 @@ class StageSampling:
 
     def check(self, where: str = "") -> "StageSampling":
         """Itself, once its set fields are in range (one-line ValueError naming where + field)."""
-        from cascade.diffusion import SAMPLERS
+        from cascade.registry import SAMPLER_NAMES as SAMPLERS
         check_number(f"{where}steps", self.steps, 1, MAX_STEPS, integer=True)
         check_number(f"{where}guidance", self.guidance, 0, MAX_GUIDANCE)
         if self.sampler is not None and self.sampler not in SAMPLERS:
