@@ -46,7 +46,8 @@ from cascade.config import StageConfig, save_config  # noqa: E402
 from cascade.data import build_dataset, collate  # noqa: E402
 from cascade.data.buckets import BucketSampler, data_position, histogram  # noqa: E402
 from cascade.parallel import data_parallel, sequence_parallel_group  # noqa: E402
-from cascade.stages import StageLoss, build_stage, sample_generators  # noqa: E402
+from cascade.seeding import sample_generators  # noqa: E402
+from cascade.stages import StageLoss, build_stage  # noqa: E402
 
 
 ds_logger.setLevel(logging.WARNING)                 # keep DeepSpeed's INFO lines off the progress bar
