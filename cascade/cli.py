@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from cascade.registry import SAMPLER_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASCADE = REPO / "configs" / "cascade" / "tiny_full.yaml"
 
@@ -173,7 +175,7 @@ def resolve_sampling(args, cc: CascadeConfig) -> dict:
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """--steps/--guidance/--sampler (every stage) and --<stage>-steps/-guidance/-sampler."""
-    samplers = ("ddim", "dpmpp_2m", "euler_ancestral")
+    samplers = SAMPLER_NAMES
     p.add_argument("--steps", type=int, help="sampling steps of every stage")
     p.add_argument("--guidance", type=float, help="guidance scale of every stage")
     p.add_argument("--sampler", choices=samplers, help="sampler of every stage")

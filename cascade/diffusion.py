@@ -283,10 +283,14 @@ def guided_denoiser(net, cond: dict, uncond: dict | None, scale: float, diffusio
 def drop_condition(cond: dict, null_cond: dict, p: float, generator=None) -> dict:
     """Condition dropout for classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each
     sample's cond is replaced, with probability p, by the null condition (every key; null_cond
-    rows of batch 1 or B). Returns a new dict."""
+    rows of batch 1 or B). generator: a torch.Generator, or a seeding.RowGenerators (one draw
+    from each sample's own stream: training). Returns a new dict."""
     B = next(iter(cond.values())).shape[0]
-    dev = generator.device if generator is not None else None
-    drop = torch.rand(B, generator=generator, device=dev) < p              # (B,)
+    if hasattr(generator, "rand"):                                       # RowGenerators
+        drop = generator.rand() < p                                      # (B,)
+    else:
+        dev = generator.device if generator is not None else None
+        drop = torch.rand(B, generator=generator, device=dev) < p          # (B,)
     out = {}
     for k, c in cond.items():
         null = null_cond[k].to(c.device, c.dtype).expand(B, *c.shape[1:])

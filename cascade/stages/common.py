@@ -118,13 +118,9 @@ def text_condition(text, captions: list[str], gens, cond_drop: float, device,
     each sample's {text, text_mask, pooled} is replaced by the null condition with probability
     cond_drop, decided by one uniform draw from the sample's generator (`gens`: RowGenerators).
     `cond`: the encodings already made (a cascade cache batch), used instead of the encoder."""
+    from cascade.diffusion import drop_condition
     cond = text(captions) if cond is None else {k: v.to(device) for k, v in cond.items()}
-    null = text.null(len(gens))
-    drop = (gens.rand() < cond_drop).to(device)                             # (B,)
-    for k in cond:
-        m = drop.view(-1, *([1] * (cond[k].dim() - 1)))
-        cond[k] = torch.where(m, null[k].to(cond[k].dtype), cond[k])
-    return cond
+    return drop_condition(cond, text.null(len(gens)), cond_drop, gens)
 
 
 class DiffusionStage:
