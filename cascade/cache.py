@@ -80,7 +80,8 @@ def encode_shard(dataset, indices: list[int], vae, text, batch_size: int, device
 def build_cache(cfg: StageConfig, out: str | Path, samples: int | None = None,
                 shard_size: int = 256, batch_size: int | None = None, device=None,
                 progress: bool = True) -> Path:
-    """Encode cfg's training data into `out` (see the module docstring); returns `out`."""
+    """Encode cfg's training data into `out` (see the module docstring); returns `out`. One loop
+    over the shards with its resume and fingerprint checks beside it (~80 lines, read in order)."""
     import json
 
     from cascade.data import build_dataset

@@ -222,6 +222,8 @@ def writable_folder(path: str | Path, flag: str = "--out") -> Path:
 
 
 def cmd_sample(args) -> None:
+    """`cascade sample`: check the flags, load the stages, extend the prompts if asked, sample, and
+    write each video, its prompt and the contact sheet (one command's steps in order, ~65 lines)."""
     import torch
 
     from cascade.pipeline import Pipeline, format_table
@@ -328,6 +330,8 @@ def slug(text: str, n: int = 40) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every sub-command and flag of `cascade`, in one flat list that reads like --help (long by
+    design: splitting it would scatter the flags of one command)."""
     p = argparse.ArgumentParser(prog="cascade", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one stage with DeepSpeed")

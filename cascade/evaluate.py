@@ -111,6 +111,7 @@ def analyse(video: torch.Tensor, time_scale: float = 1.0) -> dict:
     factors colour, shape, motion, background (None where no object was found) and the numbers
     behind them. Any T, H, W. time_scale: frames of this video per frame at the data frame rate
     (4 after one interp pass at rate 4), so motion is judged per unit of time, not per frame.
+    (The numbered steps below are one analysis; kept in one function, ~65 lines, to read in order.)
 
     1. background: the per-channel median of the border pixels of every frame (the object covers
        at most ~15% of a frame and rarely the border) -> nearest of BACKGROUNDS.

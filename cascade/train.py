@@ -515,7 +515,8 @@ def trim_log(path: Path, last_step: int) -> None:
 
 
 def train(cfg: StageConfig, progress: bool = True) -> Path:
-    """Train one stage to cfg.train.steps; returns the export folder of its EMA weights.
+    """Train one stage to cfg.train.steps; returns the export folder of its EMA weights. (The
+    step loop is written out here, about 60 lines, so one function reads as the whole run.)
 
     What a failure leaves: the run's config.yaml is written only once a training step has run
     (a run that fails while starting leaves the folder as it was), log.csv is cut back to the
@@ -528,40 +529,12 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     ckpt_dir = out / "checkpoints"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
-    dataset = build_dataset(cfg.data)                  # first: a bad data folder fails in a second
-    if cfg.data.kind == "cache":                       # made with this stage's VAE and text encoder?
-        from cascade.data.cache import check_compatible
-        check_compatible(dataset.manifest, cfg, cfg.data.root)
-    if cfg.stage == "vae" and cfg.data.kind == "folder":
-        build_dataset(cfg.data, split="val")           # the held-out clips of finalize, checked now
+    dataset = load_data(cfg, rank)                     # first: a bad data folder fails in a second
     skipped = len(getattr(dataset, "skipped", ()))
-    if rank == 0 and skipped:
-        print(f"data: {dataset.summary()}")
-    if rank == 0 and cfg.data.buckets:                 # frames x height x width: videos
-        members = dataset.bucket_members
-        print("data: buckets " + (histogram(members, dataset.buckets) if members is not None else
-                                  f"{', '.join('x'.join(map(str, b)) for b in dataset.buckets)} "
-                                  f"(synthetic: every clip renders at any bucket)"))
     torch.manual_seed(t.seed)                                            # same init on every rank
     stage = build_stage(cfg, device)
     net = stage.net.to(device)
-    if sp_group is not None:
-        net.sequence_parallel(sp_group)                # the DiT runs on this rank's frames
-    if t.init_from:
-        init_weights(net, t.init_from, cfg.stage)
-    if t.compile:                              # in place: state_dict keys (EMA, export) unchanged
-        net.compile()
-    params = [p for p in net.parameters() if p.requires_grad]
-    # fused: one kernel per step over all parameters (CPU and CUDA), not a dozen ops per tensor
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                            fused=True)
-    sched = GuardedLambdaLR(opt, lr_lambda(t))
-    guard = NonFiniteGuard(net, opt, device, grads=t.precision != "fp16")
-    if t.zero_stage == 3:
-        zero3_leaf_modules(net)
-    engine, opt, _, sched = deepspeed.initialize(model=StageLoss(stage), optimizer=opt,
-                                                 lr_scheduler=sched, config=ds_config(cfg, world))
-    ema = EMA(net, t.ema_decay, t.ema_warmup)
+    engine, sched, guard, ema = build_engine(cfg, stage, net, device, world, sp_group)
 
     position = data_position(cfg, dataset)              # with the step: where the data stream is
     start, bad_steps = resume(engine, ema, net, ckpt_dir, rank, world, device, position) \
@@ -589,16 +562,7 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
                                      f"and gradients were finite; {kept_checkpoint(ckpt_dir)}; a "
                                      f"lower train.lr may help)")
         if why is not None:
-            bad_steps += 1
-            if bad_steps > t.max_bad_steps:
-                raise FloatingPointError(
-                    f"{why} became {'non-finite' if why != 'the loss' else totals['loss']} at step "
-                    f"{step + 1}: {bad_steps} step(s) skipped for a non-finite loss or gradient, "
-                    f"more than train.max_bad_steps={t.max_bad_steps} ({kept_checkpoint(ckpt_dir)}; "
-                    f"a lower train.lr or train.grad_clip may help)")
-            if rank == 0:
-                tqdm.write(f"step {step + 1}: {why} is not finite: step skipped ({bad_steps} of at "
-                           f"most train.max_bad_steps={t.max_bad_steps})")
+            bad_steps = skip_step(why, totals, bad_steps + 1, step, t, ckpt_dir, rank)
         elapsed = time.perf_counter() - tic
         tic = time.perf_counter()
         row = {"step": step + 1, **totals, "lr": sched.get_last_lr()[0],
@@ -616,17 +580,81 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     bar.close()
     export_dir = out / "export"
     if rank == 0:
-        state, metrics = ema.state(), {}
-        if hasattr(stage, "finalize"):             # e.g. the VAE's latent scale and held-out PSNR
-            state, metrics = stage.finalize(state)
-        export(cfg, state, export_dir, metrics)
+        export_run(cfg, stage, ema, export_dir)
         if len(getattr(dataset, "skipped", ())) > skipped:            # more found while training
             print(f"data: {dataset.summary()} (by this process)")
-        print(f"exported EMA weights to {export_dir}" +
-              "".join(f"; {k} {v:.4g}" for k, v in metrics.items()))
     if world > 1:
         dist.barrier()
     return export_dir
+
+
+def export_run(cfg: StageConfig, stage, ema: EMA, export_dir: Path) -> None:
+    """The EMA weights, finalized by the stage where it has a finalize step (the VAE's latent
+    scale and held-out PSNR), exported with their metrics."""
+    state, metrics = ema.state(), {}
+    if hasattr(stage, "finalize"):
+        state, metrics = stage.finalize(state)
+    export(cfg, state, export_dir, metrics)
+    print(f"exported EMA weights to {export_dir}" + "".join(f"; {k} {v:.4g}" for k, v in metrics.items()))
+
+
+def load_data(cfg: StageConfig, rank: int):
+    """The stage's training data set, checked before any model is built (a cache against this
+    stage's encoders, a VAE folder's held-out split), with its skipped rows and bucket histogram
+    printed on rank 0."""
+    dataset = build_dataset(cfg.data)
+    if cfg.data.kind == "cache":                       # made with this stage's VAE and text encoder?
+        from cascade.data.cache import check_compatible
+        check_compatible(dataset.manifest, cfg, cfg.data.root)
+    if cfg.stage == "vae" and cfg.data.kind == "folder":
+        build_dataset(cfg.data, split="val")           # the held-out clips of finalize, checked now
+    if rank == 0 and getattr(dataset, "skipped", ()):
+        print(f"data: {dataset.summary()}")
+    if rank == 0 and cfg.data.buckets:                 # frames x height x width: videos
+        members = dataset.bucket_members
+        print("data: buckets " + (histogram(members, dataset.buckets) if members is not None else
+                                  f"{', '.join('x'.join(map(str, b)) for b in dataset.buckets)} "
+                                  f"(synthetic: every clip renders at any bucket)"))
+    return dataset
+
+
+def build_engine(cfg: StageConfig, stage, net: torch.nn.Module, device, world: int, sp_group):
+    """net (the stage's network, on device) made ready to train -> (DeepSpeed engine, its LR
+    scheduler, the NaN guard, the EMA): sequence parallelism, train.init_from, compile, AdamW,
+    ZeRO-3's leaf modules, deepspeed.initialize."""
+    t = cfg.train
+    if sp_group is not None:
+        net.sequence_parallel(sp_group)                # the DiT runs on this rank's frames
+    if t.init_from:
+        init_weights(net, t.init_from, cfg.stage)
+    if t.compile:                              # in place: state_dict keys (EMA, export) unchanged
+        net.compile()
+    params = [p for p in net.parameters() if p.requires_grad]
+    # fused: one kernel per step over all parameters (CPU and CUDA), not a dozen ops per tensor
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                            fused=True)
+    sched = GuardedLambdaLR(opt, lr_lambda(t))
+    guard = NonFiniteGuard(net, opt, device, grads=t.precision != "fp16")
+    if t.zero_stage == 3:
+        zero3_leaf_modules(net)
+    engine, opt, _, sched = deepspeed.initialize(model=StageLoss(stage), optimizer=opt,
+                                                 lr_scheduler=sched, config=ds_config(cfg, world))
+    return engine, sched, guard, EMA(net, t.ema_decay, t.ema_warmup)
+
+
+def skip_step(why: str, totals: dict, bad_steps: int, step: int, t, ckpt_dir: Path, rank: int) -> int:
+    """The NaN guard skipped a step (`why`: what was not finite): one line on rank 0 and the new
+    count, or a one-line FloatingPointError once more than train.max_bad_steps were skipped."""
+    if bad_steps > t.max_bad_steps:
+        raise FloatingPointError(
+            f"{why} became {'non-finite' if why != 'the loss' else totals['loss']} at step "
+            f"{step + 1}: {bad_steps} step(s) skipped for a non-finite loss or gradient, "
+            f"more than train.max_bad_steps={t.max_bad_steps} ({kept_checkpoint(ckpt_dir)}; "
+            f"a lower train.lr or train.grad_clip may help)")
+    if rank == 0:
+        tqdm.write(f"step {step + 1}: {why} is not finite: step skipped ({bad_steps} of at "
+                   f"most train.max_bad_steps={t.max_bad_steps})")
+    return bad_steps
 
 
 def train_step(engine, stage, guard: NonFiniteGuard, batches, cfg: StageConfig, step: int, rank: int,

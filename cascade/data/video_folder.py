@@ -245,6 +245,8 @@ class VideoFolder(Dataset):
                  fps: float = 8.0, seed: int = 0, split: str = "all", val_fraction: float = 0.0,
                  recaption_manifest: str | Path | None = None, recaption_ratio: float = 0.0,
                  buckets: list | None = None, bucket_max_crop: float = 0.25):
+        """Every row checked once, cheapest check first (caption, place, file, decode, bucket),
+        then the split: the construction-time checks of the module docstring, in order."""
         if split not in ("all", "train", "val"):
             raise ValueError(f"split: '{split}' is not one of all, train, val")
         self.root = Path(root)
