@@ -187,10 +187,14 @@ class Diffusion:
         if noise is None:
             noise = _randn(x0.shape, x0, generator)                        # (B, ...)
         logsnr = self.logsnr(t)                                            # (B,)
+        x_t = self.q_sample(x0, t, noise)
+        return self.loss_of(net(x_t, t, cond).float(), x0, x_t, noise, logsnr)
+
+    def loss_of(self, pred, x0, x_t, noise, logsnr):
+        """The loss of a prediction `pred` for x_t (B, ...) made from (x0, noise) at `logsnr` (B,):
+        batch mean of the min-SNR-weighted MSE in the prediction's space, plus the motion loss."""
         alpha, sigma = (_bcast(a, x0) for a in alpha_sigma(logsnr))
-        x_t = alpha * x0 + sigma * noise
         target = pred_from_x0_eps(x0, noise, alpha, sigma, self.prediction)
-        pred = net(x_t, t, cond).float()
         mse = (pred - target.float()).square().flatten(1).mean(1)          # (B,)
         loss = (min_snr_weight(logsnr, self.cfg.min_snr_gamma, self.prediction) * mse).mean()
         if self.cfg.motion_weight > 0 and x0.dim() == 5 and x0.shape[2] > 1:
@@ -205,19 +209,11 @@ class Diffusion:
         over its own elements, min-SNR weighted, and its motion loss its own; the padding tokens
         (the mask PackedLayout.real) never reach it: forward_packed returns each clip's tokens only."""
         logsnr = self.logsnr(t)                                            # (n,)
-        alpha, sigma = alpha_sigma(logsnr)
-        x_ts = [a * x0 + s * e for a, s, x0, e in zip(alpha, sigma, x0s, noises)]
-        preds = [p.float() for p in net.forward_packed(x_ts, t, cond, row_len)]
-        w = min_snr_weight(logsnr, self.cfg.min_snr_gamma, self.prediction)
-        loss = 0.0
-        for i, (pred, x0, x_t, e) in enumerate(zip(preds, x0s, x_ts, noises)):
-            target = pred_from_x0_eps(x0, e, alpha[i], sigma[i], self.prediction)
-            term = w[i] * (pred - target.float()).square().mean()
-            if self.cfg.motion_weight > 0 and x0.shape[1] > 1:
-                x0_hat = x0_eps_from_pred(pred, x_t, alpha[i], sigma[i], self.prediction)[0]
-                term = term + self.cfg.motion_weight * motion_loss(x0_hat[None], x0[None])
-            loss = loss + term
-        return loss / len(x0s)
+        x_ts = [self.q_sample(x0[None], t[i:i + 1], e[None])[0]             # (C, T_i, H_i, W_i)
+                for i, (x0, e) in enumerate(zip(x0s, noises))]
+        preds = net.forward_packed(x_ts, t, cond, row_len)
+        return sum(self.loss_of(p[None].float(), x0[None], x_t[None], e[None], logsnr[i:i + 1])
+                   for i, (p, x0, x_t, e) in enumerate(zip(preds, x0s, x_ts, noises))) / len(x0s)
 
     def noise_augment(self, x_cond, t_aug, generator=None):
         """Conditioning augmentation (Ho et al. 2022, CDM Sec. 3; Imagen Video Sec. 2.5): noise the

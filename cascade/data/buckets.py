@@ -28,7 +28,7 @@ def parse_buckets(table) -> list[tuple[int, int, int]]:
     """[[T, H, W], ...] -> [(T, H, W), ...]; ValueError naming the entry that is not 3 positive ints."""
     out = []
     for i, b in enumerate(table or []):
-        b = list(b) if isinstance(b, (list, tuple)) or hasattr(b, "__iter__") else [b]
+        b = list(b) if hasattr(b, "__iter__") else [b]
         if len(b) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in b):
             raise ValueError(f"data.buckets[{i}]: {b} is not [frames, height, width] of positive integers")
         out.append(tuple(b))
