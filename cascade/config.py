@@ -85,6 +85,7 @@ class DiTConfig:
     window_spatial: list[int] = field(default_factory=lambda: [4, 4])       # attention=window: tokens (h, w)
     window_spacetime: list[int] = field(default_factory=lambda: [2, 4, 4])  # attention=window: tokens (t, h, w)
     pos: str = "rope"           # rope (3D RoPE) | sincos
+    rope_scale: float = 1.0     # RoPE positions x this (dit.Rope3D: < 1 stops small grids aliasing)
     frame_pos: bool = False     # + absolute in-frame position (dit.FramePosition): where the borders are
     text_dim: int = 384
     cond_frames: bool = False   # interp stage: extra input channels for keyframe latents + mask

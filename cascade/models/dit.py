@@ -41,21 +41,30 @@ class Rope3D(nn.Module):
     Dims (2j, 2j+1) form the complex number x_2j + i x_2j+1, rotated by position * inv_freq
     (RoFormer eq. 34); the dims past the three bands pass through (a rotation by 0). The rotation is
     one complex multiply over all D/2 pairs, with the unit phases computed once per forward for q
-    and k of every block, instead of slicing, stacking and concatenating per attention call."""
+    and k of every block, instead of slicing, stacking and concatenating per attention call.
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    scale multiplies the positions (position interpolation, Chen et al. 2023). At scale 1 the top
+    frequency turns one token by 1 rad, so on a small grid offsets alias: +3 and -3 tokens differ
+    by 2 pi - 6 = 0.28 rad (the far edges of a 4-token frame look alike, above or below), and frames
+    0 and 6 of 8 nearly coincide (6 rad). A scale of about 1 / (grid length) keeps every offset of
+    the grid under pi on every band."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0, scale: float = 1.0):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim (dit.hidden / dit.heads), got {head_dim}")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"dit.rope_scale must be a positive number, got {scale}")
         self.band = 2 * (head_dim // 6)                                 # rotated dims per axis
         self.head_dim = head_dim
+        self.scale = scale
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, self.band, 2).float() / self.band),
                              persistent=False)
 
     def phases(self, T, H, W, device, t0: int = 0) -> torch.Tensor:
         """(T, S, D/2) complex unit phases exp(i * angle) of frames t0..t0+T-1; 1 on the
         pass-through pairs."""
-        pos = grid_positions(T, H, W, device, t0).float()               # (N, 3)
+        pos = grid_positions(T, H, W, device, t0).float() * self.scale  # (N, 3)
         ang = (pos[:, :, None] * self.inv_freq.to(device)[None, None]).reshape(T, H * W, -1)
         ang = F.pad(ang, (0, self.head_dim // 2 - ang.shape[-1]))       # (T, S, D/2)
         return torch.polar(torch.ones_like(ang), ang)
@@ -331,7 +340,7 @@ class VideoDiT(nn.Module):
         if cfg.text_pool not in ("mean", "attention"):
             raise ValueError(f"dit.text_pool: '{cfg.text_pool}' is not one of mean, attention")
         self.text_pool = AttentionPool(cfg) if cfg.text_pool == "attention" else None
-        self.rope = Rope3D(cfg.hidden // cfg.heads) if cfg.pos == "rope" else None
+        self.rope = Rope3D(cfg.hidden // cfg.heads, scale=cfg.rope_scale) if cfg.pos == "rope" else None
         self.frame_pos = FramePosition(cfg) if cfg.frame_pos else None
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg, self.out_channels)

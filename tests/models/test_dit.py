@@ -122,6 +122,16 @@ def test_hybrid_takes_factorised_weights_and_mixes_frames_in_its_first_attention
     assert not torch.allclose(hyb(x, t, c)[:, :, 1:], hyb(x2, t, c)[:, :, 1:])
 
 
+def test_rope_scale_interpolates_positions():
+    """dit.rope_scale s: the phases at position p are those of position s * p at scale 1 (position
+    interpolation), so scale 0.5 at (t, h, w) = (2, 2, 2) equals scale 1 at (1, 1, 1); a bad scale
+    is one line."""
+    half, full = Rope3D(24, scale=0.5).phases(3, 3, 3, "cpu"), Rope3D(24).phases(3, 3, 3, "cpu")
+    torch.testing.assert_close(half[2, 2 * 3 + 2], full[1, 1 * 3 + 1])
+    with pytest.raises(ValueError, match="dit.rope_scale"):
+        Rope3D(24, scale=0.0)
+
+
 def test_rope_is_relative():
     """RoPE: <R(p) q, R(p') k> depends only on p - p' (RoFormer eq. 16)."""
     rope = Rope3D(24)
