@@ -46,8 +46,8 @@ class Rope3D(nn.Module):
     scale multiplies the positions (position interpolation, Chen et al. 2023). At scale 1 the top
     frequency turns one token by 1 rad, so on a small grid offsets alias: +3 and -3 tokens differ
     by 2 pi - 6 = 0.28 rad (the far edges of a 4-token frame look alike, above or below), and frames
-    0 and 6 of 8 nearly coincide (6 rad). A scale of about 1 / (grid length) keeps every offset of
-    the grid under pi on every band."""
+    0 and 6 of 8 nearly coincide (6 rad). A scale below pi / (longest axis - 1) keeps every offset
+    of the grid under pi on every band (0.4 on 8 frames: 7 x 0.4 = 2.8 rad)."""
 
     def __init__(self, head_dim: int, base: float = 10000.0, scale: float = 1.0):
         super().__init__()
