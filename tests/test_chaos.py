@@ -2,7 +2,8 @@
 checkpoint is being written, while the export is being written (those two found by watching the
 files appear) - and resumed each time ends as the uninterrupted run ends: every step logged once,
 the same exported EMA weights and the same optimizer state in the final checkpoint. A half-written
-checkpoint is never resumed from, and a good export survives a kill during the next export."""
+checkpoint is never resumed from, and a good export survives a kill during the next export.
+"The same" is one machine's promise in one process layout (tests/test_train.py's docstring)."""
 import random
 import shutil
 import signal

@@ -1,5 +1,11 @@
 """Training through DeepSpeed on CPU: the loss falls, a killed run resumes exactly, and 2 processes
-(ZeRO-2, gloo) follow the same loss curve as 1 process on the same global batch."""
+(ZeRO-2, gloo) follow the same loss curve as 1 process on the same global batch.
+
+"Exactly" is what one machine promises in one process layout: the resumed run and the
+uninterrupted one run the same kernels in the same order (same CPU, same thread count, same
+ranks), so their losses and weights agree to float rounding of the same operations. Across
+process layouts (1 process against 2 ranks) the gradients are summed in another order: the
+losses agree within rel 2e-4 and the weights within `assert_trained_close`."""
 import csv
 import os
 import signal
@@ -117,6 +123,24 @@ def test_two_processes_zero2_match_one_process(tmp_path):
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=2e-4, abs=1e-6), (ra["step"], ra, rb)
 
+
+
+def assert_trained_close(a: dict, b: dict, lr: float, rtol: float = 1e-3, atol: float = 1e-5,
+                         share: float = 1e-3) -> None:
+    """Two runs' exported weights {name: tensor} trained in different process layouts (1 process
+    against 2 ranks: gradients summed in another order) agree: per tensor, at most `share` of the
+    elements outside rtol / atol, and none further apart than `lr`. Not every element within
+    rtol: Adam divides each gradient by its own running RMS, so an element whose gradient is near
+    zero takes a step of about lr whose sign its rounding decides (measured, the ZeRO-3 VAE run of
+    test_parallel.py: 1 element of the 6912 of one conv weight 3.9e-5 apart, every other within
+    1e-5 + 1e-3 |w|)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k].shape == a[k].shape and b[k].numel() > 0, k
+        diff = (b[k].float() - a[k].float()).abs()
+        off = (diff > atol + rtol * a[k].float().abs()).float().mean().item()
+        assert off <= share, f"{k}: {off:.3%} of the elements differ by more than rtol={rtol}, atol={atol}"
+        assert diff.max().item() <= lr, f"{k}: an element moved {diff.max().item():.3g}, more than lr={lr}"
 
 def test_image_step_fraction_and_determinism():
     from cascade.train import image_step

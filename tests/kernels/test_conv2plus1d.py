@@ -6,7 +6,7 @@ import torch
 import kernels.conv2plus1d as c21
 from kernels.conv2plus1d import conv2plus1d, conv2plus1d_ref
 
-from kernel_tolerance import assert_within, forward_backward
+from kernel_tolerance import assert_fp32_within_fp64, assert_within, forward_backward, fp64_leaves
 NAMES = ["y", "dx", "dw_spatial", "db_spatial", "dw_temporal", "db_temporal"]
 
 
@@ -106,3 +106,26 @@ def test_dispatch_and_errors():
         conv2plus1d(x, ws, None, torch.randn(2, 5, 3, 1, 1), None, backend="triton")
     with pytest.raises(ValueError, match=r"\(Cmid, Cin, 1, k, k\)"):
         conv2plus1d(x, torch.randn(4, 3, 3, 3, 3), None, wt, None, backend="triton")
+
+
+FP64_CASES = {  # B, cin, cmid, cout, T, H, W, k, kt, causal: odd shapes, the last a long reduction
+    "causal-6x9x7": (1, 12, 20, 12, 6, 9, 7, 3, 3, True),
+    "long-two-clips": (2, 4, 8, 4, 7, 23, 21, 3, 3, False),
+}
+
+
+@pytest.mark.parametrize("case", FP64_CASES, ids=list(FP64_CASES))
+def test_conv2plus1d_fp32_against_fp64(case):
+    """fp32 output and every gradient against an fp64 reference (the weight gradients sum over
+    every position: kernels/conv3d.py's dW pass reduces them in parts)."""
+    B, cin, cmid, cout, T, H, W, k, kt, causal = FP64_CASES[case]
+    torch.manual_seed(0)
+    x = torch.randn(B, cin, T, H, W)
+    ws, bs = torch.randn(cmid, cin, 1, k, k) / (cin * k * k) ** 0.5, torch.randn(cmid)
+    wt, bt = torch.randn(cout, cmid, kt, 1, 1) / (cmid * kt) ** 0.5, torch.randn(cout)
+    gy = torch.randn(B, cout, T, H, W)
+    f32, f64 = fp64_leaves(x, ws, bs, wt, bt)
+    got = forward_backward(lambda *a: conv2plus1d(*a, causal=causal, backend="triton"), f32, gy)
+    ref = lambda *a: conv2plus1d_ref(*a, causal=causal)  # noqa: E731
+    same = forward_backward(ref, fp64_leaves(x, ws, bs, wt, bt)[0], gy)
+    assert_fp32_within_fp64(NAMES, got, same, forward_backward(ref, f64, gy))

@@ -6,7 +6,7 @@ import torch
 import kernels.conv3d as conv3d_mod
 from kernels.conv3d import conv3d, conv3d_ref
 
-from kernel_tolerance import assert_within, forward_backward
+from kernel_tolerance import assert_fp32_within_fp64, assert_within, forward_backward, fp64_leaves
 
 
 def layout(t, how):
@@ -116,6 +116,31 @@ def test_conv3d_dw_split_partials(monkeypatch):
     """The GPU cuts dW's sum over positions into fp32 partials; force that path on CPU."""
     monkeypatch.setattr(conv3d_mod, "_dw_split", lambda device, tiles, P, bk: 3)
     check(1, 3, 16, 5, 13, 13, (3, 3, 3), (1, 1, 2), (1, 1, 0), causal=True)
+
+
+FP64_CASES = {  # B, cin, cout, T, H, W, k, causal: odd shapes; the last two are long reductions
+    "causal-3x3x3-6x9x7": (1, 20, 20, 6, 9, 7, (3, 3, 3), True),
+    "causal-two-clips": (2, 16, 24, 7, 13, 11, (3, 3, 3), True),
+    "long-6k-positions": (1, 8, 8, 9, 25, 27, (1, 3, 3), False),
+    "long-two-clips-time-only": (2, 4, 6, 9, 40, 36, (3, 1, 1), True),
+}
+
+
+@pytest.mark.parametrize("case", FP64_CASES, ids=list(FP64_CASES))
+def test_conv3d_fp32_against_fp64(case):
+    """fp32 output and gradients against an fp64 reference; dW and db sum over every output
+    position (16k of them in the long cases), which the kernel reduces in parts."""
+    B, cin, cout, T, H, W, k, causal = FP64_CASES[case]
+    torch.manual_seed(0)
+    x, w = torch.randn(B, cin, T, H, W), torch.randn(cout, cin, *k) / (cin * k[0] * k[1] * k[2]) ** 0.5
+    b = torch.randn(cout)
+    gy = torch.randn(conv3d_ref(x, w, b, padding=1, causal=causal).shape)
+    f32, f64 = fp64_leaves(x, w, b)
+    fn = lambda impl: lambda x, w, b: impl(x, w, b, padding=1, causal=causal)  # noqa: E731
+    got = forward_backward(fn(lambda *a, **kw: conv3d(*a, **kw, backend="triton")), f32, gy)
+    same = forward_backward(fn(conv3d_ref), fp64_leaves(x, w, b)[0], gy)
+    gold = forward_backward(fn(conv3d_ref), f64, gy)
+    assert_fp32_within_fp64(["y", "dx", "dw", "db"], got, same, gold)
 
 
 @pytest.mark.gpu

@@ -48,7 +48,6 @@ def _ieee_fp32(spill):
 SPILLS = {
     "_attn_fwd_kernel": lambda r: 4 if r["dtype"] == "fp32" else 0,   # kernels/attention.py
     "_conv3d_bwd_dx_kernel": _ieee_fp32(32),
-    "_conv3d_bwd_dw_kernel": _ieee_fp32(24),
 }
 
 _RESULTS = {}
