@@ -137,9 +137,13 @@ class SRConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "cosine"        # cosine | shifted_cosine
-    shift: float = 1.0              # shifted_cosine: log-SNR shift = 2*log(shift)
-    prediction: str = "v"           # v | eps | x0
+    parameterisation: str = "vp"    # vp (variance preserving: schedule + prediction) | flow (rectified flow, velocity)
+    schedule: str = "cosine"        # vp: cosine | shifted_cosine
+    shift: float = 1.0              # shifted_cosine and flow: log-SNR lowered by 2*log(shift) (> 1: noisier)
+    shift_tokens: int = 0           # flow: shift x sqrt(n / this) for samples of n elements per channel (0: fixed)
+    flow_logit_mean: float = 0.0    # flow: training t = sigmoid(N(mean, std^2)) (SD3's logit-normal)
+    flow_logit_std: float = 1.0
+    prediction: str = "v"           # v | eps | x0 (flow: v, the velocity eps - x0)
     min_snr_gamma: float = 5.0      # min-SNR-gamma loss weighting (0 = off)
     motion_weight: float = 0.0      # + this x MSE of the x0 estimate's frame differences (video stages)
     cond_drop: float = 0.1          # classifier-free guidance: text dropped with this probability
@@ -200,6 +204,7 @@ CHOICES = {
     "data.kind": ("synthetic", "folder", "cache"),   # cache: data.root = a `cascade cache` folder
     "dit.attention": ("factorised", "full", "hybrid", "window"),
     "dit.pos": ("rope", "sincos"),
+    "diffusion.parameterisation": ("vp", "flow"),
     "diffusion.schedule": ("cosine", "shifted_cosine"),
     "diffusion.prediction": ("v", "eps", "x0"),
     "diffusion.sampler": SAMPLER_NAMES,
@@ -267,11 +272,25 @@ def validate(cfg: StageConfig) -> StageConfig:
     if cfg.stage in ("base", "interp") and d.cond_frames != (cfg.stage == "interp"):
         raise ConfigError(f"dit.cond_frames: must be {str(cfg.stage == 'interp').lower()} for the "
                           f"'{cfg.stage}' stage (only interp takes keyframe latents as input)")
+    _validate_diffusion(cfg.diffusion)
     if cfg.stage == "interp":
         _validate_interp(cfg)
     if cfg.stage == "sr":
         _validate_sr(cfg)
     return cfg
+
+
+def _validate_diffusion(d: DiffusionConfig) -> None:
+    import math
+    for key in ("shift", "flow_logit_std"):
+        v = getattr(d, key)
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"diffusion.{key}: must be a positive number, got {v}")
+    if d.shift_tokens < 0:
+        raise ConfigError(f"diffusion.shift_tokens: must be >= 0 (0: a fixed shift), got {d.shift_tokens}")
+    if d.parameterisation == "flow" and d.prediction != "v":
+        raise ConfigError(f"diffusion.prediction: a rectified-flow network predicts the velocity "
+                          f"eps - x0 (prediction v), got '{d.prediction}'")
 
 
 def _validate_sequence_parallel(cfg: StageConfig) -> None:

@@ -10,12 +10,22 @@ Notation (Kingma et al. 2021 "VDM"; Salimans & Ho 2022; diffusers' DDIM `step` m
     lambda = logsnr / 2 = log(alpha / sigma)                   DPM-Solver's half log-SNR
     D(x_t, t) = E[x0 | x_t]                                    the denoiser every sampler calls
 
+Rectified flow (Liu et al. 2022; Esser et al. 2024, "SD3"), diffusion.parameterisation=flow: the
+straight path x_t = (1 - t') x0 + t' eps, i.e. alpha = 1 - t', sigma = t' (not variance
+preserving), t' = shift(t) the time shifted towards noise (SD3 eq. 23, `flow_shift`), the network
+given t' and predicting the velocity u = dx_t/dt' = eps - x0 ("velocity": x0 = x_t - t' u, eps =
+x_t + (1 - t') u), trained on logit-normal t (SD3 Sec. 3.1) with the plain velocity MSE.
+Every sampler reads (alpha, sigma) from the path, so DDIM, DPM-Solver++(2M), ancestral and Heun
+run on either; DDIM is exactly Euler's method on the flow's ODE (x_s = x_t + (s' - t') u).
+
 Every stage's network is called as `net(x_t, t, cond) -> prediction` with t a (B,) tensor in
 [0, 1] and cond a dict of tensors batched along dim 0; the prediction is v, eps or x0 by config.
 
 Samplers share one signature, `sampler(denoise, x, ts, generator=None, progress=False) -> x0`
-(k-diffusion style). `denoise(x, t) -> x0_hat` carries the schedule it was built with as
-`denoise.logsnr` (t -> logsnr); `guided_denoiser` sets it, hand-written denoisers must too.
+(k-diffusion style). `denoise(x, t) -> x0_hat` carries the path it was built with as
+`denoise.levels` ((t, x) -> (alpha, sigma, lambda), x giving the sample shape the flow's shift
+may depend on); `guided_denoiser` sets it, hand-written denoisers must too (`vp_levels` wraps a
+log-SNR schedule).
 A step whose next time is exactly 0 lands on the data: it returns the denoised x0.
 """
 from __future__ import annotations
@@ -30,7 +40,8 @@ from cascade.config import DiffusionConfig
 from cascade.registry import SAMPLER_NAMES
 
 LOGSNR_MIN, LOGSNR_MAX = -15.0, 15.0
-PREDICTIONS = ("v", "eps", "x0")
+PREDICTIONS = ("v", "eps", "x0")           # what a VP network answers; a flow network: "velocity"
+PARAMETERISATIONS = ("vp", "flow")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -70,6 +81,22 @@ def alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
 
 
+def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow's time shifted towards noise (SD3 eq. 23): t' = s t / (1 + (s - 1) t). Its
+    log-SNR, 2 log((1 - t') / t'), is the unshifted one minus 2 log(s): the same sign and size
+    as `logsnr_shifted_cosine`'s shift."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def vp_levels(logsnr_fn):
+    """A variance-preserving path as the samplers read it, (t, x) -> (alpha, sigma, lambda), from
+    a log-SNR schedule t -> logsnr (x unused)."""
+    def levels(t, x=None):
+        logsnr = logsnr_fn(t)
+        return (*alpha_sigma(logsnr), logsnr / 2)
+    return levels
+
+
 def time_grid(steps: int, device=None) -> torch.Tensor:
     """Default sampling grid: `steps` + 1 times uniform from 1 to 0, i.e. `steps` network calls."""
     if steps < 1:
@@ -85,9 +112,12 @@ def x0_eps_from_pred(pred, x_t, alpha, sigma, prediction: str):
     v:   x0 = alpha x_t - sigma v,     eps = sigma x_t + alpha v    (Salimans & Ho 2022, Sec. 4)
     eps: x0 = (x_t - sigma eps) / alpha
     x0:  eps = (x_t - alpha x0) / sigma
+    velocity (the flow path, alpha + sigma = 1): x0 = x_t - sigma u, eps = x_t + alpha u
     """
     if prediction == "v":
         return alpha * x_t - sigma * pred, sigma * x_t + alpha * pred
+    if prediction == "velocity":
+        return x_t - sigma * pred, x_t + alpha * pred
     if prediction == "eps":
         return (x_t - sigma * pred) / alpha, pred
     if prediction == "x0":
@@ -96,9 +126,12 @@ def x0_eps_from_pred(pred, x_t, alpha, sigma, prediction: str):
 
 
 def pred_from_x0_eps(x0, eps, alpha, sigma, prediction: str):
-    """(x0, eps) -> the network's target of kind `prediction` (v = alpha eps - sigma x0)."""
+    """(x0, eps) -> the network's target of kind `prediction` (v = alpha eps - sigma x0; the
+    flow's velocity = eps - x0)."""
     if prediction == "v":
         return alpha * eps - sigma * x0
+    if prediction == "velocity":
+        return eps - x0
     if prediction == "eps":
         return eps
     if prediction == "x0":
@@ -110,12 +143,15 @@ def min_snr_weight(logsnr: torch.Tensor, gamma: float, prediction: str) -> torch
     """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 8 and its v/eps forms), per sample.
 
     The weight on the MSE in the prediction's space that equals min(snr, gamma) * ||x0 - x0_hat||^2:
-    v: min(snr, gamma) / (snr + 1);  eps: min(snr, gamma) / snr;  x0: min(snr, gamma).
+    v: min(snr, gamma) / (snr + 1);  eps: min(snr, gamma) / snr;  x0: min(snr, gamma);
+    velocity (flow, x0 error = sigma x velocity error): min(snr, gamma) / (1 + sqrt(snr))^2.
     gamma <= 0 turns weighting off (plain MSE in the prediction's space)."""
     if gamma <= 0:
         return torch.ones_like(logsnr)
     snr = logsnr.exp()
     clipped = snr.clamp(max=gamma)
+    if prediction == "velocity":                         # sigma = 1 / (1 + alpha / sigma)
+        return clipped / (1 + (0.5 * logsnr).exp()) ** 2
     return {"v": clipped / (snr + 1), "eps": clipped / snr, "x0": clipped}[prediction]
 
 
@@ -144,25 +180,75 @@ def _randn(shape, like: torch.Tensor, generator=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the core
 
 class Diffusion:
-    """The schedule and the prediction type of one stage, and what is built from them."""
+    """The path (a VP schedule or the rectified flow), the prediction type of one stage, and what is
+    built from them."""
 
     def __init__(self, cfg: DiffusionConfig):
+        if cfg.parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"diffusion.parameterisation: '{cfg.parameterisation}' is not one of "
+                             f"{', '.join(PARAMETERISATIONS)}")
         if cfg.prediction not in PREDICTIONS:
             raise ValueError(f"diffusion.prediction: '{cfg.prediction}' is not one of {PREDICTIONS}")
+        self.flow = cfg.parameterisation == "flow"
+        if self.flow and cfg.prediction != "v":
+            raise ValueError(f"diffusion.prediction: a rectified-flow network predicts the velocity "
+                             f"eps - x0 (prediction v), got '{cfg.prediction}'")
         if cfg.schedule == "cosine":
-            self.logsnr = logsnr_cosine                                   # t -> logsnr
+            self.vp_logsnr = logsnr_cosine                                # t -> logsnr
         elif cfg.schedule == "shifted_cosine":
-            self.logsnr = functools.partial(logsnr_shifted_cosine, shift=cfg.shift)
+            self.vp_logsnr = functools.partial(logsnr_shifted_cosine, shift=cfg.shift)
         else:
             raise ValueError(f"diffusion.schedule: '{cfg.schedule}' is not one of cosine, shifted_cosine")
         if cfg.sampler not in SAMPLERS:
             raise ValueError(f"diffusion.sampler: '{cfg.sampler}' is not one of {', '.join(SAMPLERS)}")
         self.cfg = cfg
-        self.prediction = cfg.prediction
+        self.prediction = "velocity" if self.flow else cfg.prediction
+
+    # ------------------------------------------------------------------------- the path
+
+    def shift_for(self, x: torch.Tensor | None) -> float:
+        """The flow's time shift for samples shaped like x (B, C, *dims): diffusion.shift, times
+        sqrt(n / shift_tokens) when diffusion.shift_tokens > 0, n = prod(dims) the elements per
+        channel (SD3 Sec. 5.3.2: sqrt(m / n); a longer or larger video is noised more)."""
+        c = self.cfg
+        if c.shift_tokens <= 0 or x is None:
+            return c.shift
+        return c.shift * math.sqrt(math.prod(x.shape[2:]) / c.shift_tokens)
+
+    def levels(self, t: torch.Tensor, x: torch.Tensor | None = None):
+        """(alpha, sigma, lambda = log(alpha / sigma)) at times t for samples shaped like x."""
+        if self.flow:
+            tp = flow_shift(t, self.shift_for(x))
+            return 1 - tp, tp, torch.log1p(-tp) - torch.log(tp)
+        logsnr = self.vp_logsnr(t)
+        return (*alpha_sigma(logsnr), logsnr / 2)
+
+    def logsnr(self, t: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """log(alpha^2 / sigma^2) at times t (the flow's is -inf at t = 1 and +inf at 0)."""
+        return 2 * self.levels(t, x)[2]
+
+    def net_time(self, t: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The time the network is given: t (VP), the shifted flow time t' = sigma (flow)."""
+        return flow_shift(t, self.shift_for(x)) if self.flow else t
 
     def _alpha_sigma(self, t, x):
-        alpha, sigma = alpha_sigma(self.logsnr(t))                         # (B,), (B,)
+        alpha, sigma, _ = self.levels(t, x)                                # (B,), (B,)
         return _bcast(alpha, x), _bcast(sigma, x)
+
+    def draw_t(self, generator=None, n: int | None = None, device=None) -> torch.Tensor:
+        """Training times, one per sample: U[0, 1) (VP), or logit-normal for the flow (sigmoid of
+        N(flow_logit_mean, flow_logit_std^2), SD3 Sec. 3.1: the middle times, where the velocity
+        is hardest, drawn most). generator: RowGenerators (one draw from each row's stream), or a
+        torch.Generator / None with n."""
+        rows = hasattr(generator, "rand")
+        if self.flow:
+            z = generator.randn((len(generator),)) if rows else \
+                torch.randn(n, generator=generator, device=generator.device if generator else device)
+            t = torch.sigmoid(self.cfg.flow_logit_mean + self.cfg.flow_logit_std * z)
+        else:
+            t = generator.rand() if rows else \
+                torch.rand(n, generator=generator, device=generator.device if generator else device)
+        return t.to(device) if device is not None else t                    # (n,)
 
     def q_sample(self, x0, t, noise):
         """x_t = alpha_t x0 + sigma_t eps (forward process q(x_t | x0))."""
@@ -172,31 +258,32 @@ class Diffusion:
     def denoise(self, net, x_t, t, cond):
         """D(x_t, t) = x0_hat: one network call, its output converted to x0."""
         alpha, sigma = self._alpha_sigma(t, x_t)
-        return x0_eps_from_pred(net(x_t, t, cond), x_t, alpha, sigma, self.prediction)[0]
+        pred = net(x_t, self.net_time(t, x_t), cond)
+        return x0_eps_from_pred(pred, x_t, alpha, sigma, self.prediction)[0]
+
+    # ------------------------------------------------------------------------- training
 
     def loss(self, net, x0, cond, t=None, noise=None, generator=None):
         """Training loss: batch mean of w(t) * ||pred - target||^2 (mean over the non-batch dims),
         target in the prediction's space, w the min-SNR-gamma weight (`min_snr_weight`).
 
-        t ~ U[0, 1] per sample and noise ~ N(0, I) are drawn (t first, then noise, from
-        `generator` when given) unless passed in."""
-        B = x0.shape[0]
+        t (`draw_t`) and noise ~ N(0, I) are drawn (t first, then noise, from `generator` when
+        given) unless passed in."""
         if t is None:
-            dev = generator.device if generator is not None else x0.device
-            t = torch.rand(B, generator=generator, device=dev).to(x0.device)  # (B,)
+            t = self.draw_t(generator, x0.shape[0], x0.device)            # (B,)
         if noise is None:
             noise = _randn(x0.shape, x0, generator)                        # (B, ...)
-        logsnr = self.logsnr(t)                                            # (B,)
         x_t = self.q_sample(x0, t, noise)
-        return self.loss_of(net(x_t, t, cond).float(), x0, x_t, noise, logsnr)
+        return self.loss_of(net(x_t, self.net_time(t, x0), cond).float(), x0, x_t, noise, t)
 
-    def loss_of(self, pred, x0, x_t, noise, logsnr):
-        """The loss of a prediction `pred` for x_t (B, ...) made from (x0, noise) at `logsnr` (B,):
+    def loss_of(self, pred, x0, x_t, noise, t):
+        """The loss of a prediction `pred` for x_t (B, ...) made from (x0, noise) at times t (B,):
         batch mean of the min-SNR-weighted MSE in the prediction's space, plus the motion loss."""
-        alpha, sigma = (_bcast(a, x0) for a in alpha_sigma(logsnr))
+        alpha, sigma = self._alpha_sigma(t, x0)
         target = pred_from_x0_eps(x0, noise, alpha, sigma, self.prediction)
         mse = (pred - target.float()).square().flatten(1).mean(1)          # (B,)
-        loss = (min_snr_weight(logsnr, self.cfg.min_snr_gamma, self.prediction) * mse).mean()
+        weight = min_snr_weight(self.logsnr(t, x0), self.cfg.min_snr_gamma, self.prediction)
+        loss = (weight * mse).mean()
         if self.cfg.motion_weight > 0 and x0.dim() == 5 and x0.shape[2] > 1:
             loss = loss + self.cfg.motion_weight * motion_loss(
                 x0_eps_from_pred(pred, x_t, alpha, sigma, self.prediction)[0], x0)
@@ -208,21 +295,23 @@ class Diffusion:
         clips. The same value as the mean of `loss` on each clip alone: each clip's MSE is a mean
         over its own elements, min-SNR weighted, and its motion loss its own; the padding tokens
         (the mask PackedLayout.real) never reach it: forward_packed returns each clip's tokens only."""
-        logsnr = self.logsnr(t)                                            # (n,)
         x_ts = [self.q_sample(x0[None], t[i:i + 1], e[None])[0]             # (C, T_i, H_i, W_i)
                 for i, (x0, e) in enumerate(zip(x0s, noises))]
-        preds = net.forward_packed(x_ts, t, cond, row_len)
-        return sum(self.loss_of(p[None].float(), x0[None], x_t[None], e[None], logsnr[i:i + 1])
+        t_net = torch.cat([self.net_time(t[i:i + 1], x0[None]) for i, x0 in enumerate(x0s)])
+        preds = net.forward_packed(x_ts, t_net, cond, row_len)
+        return sum(self.loss_of(p[None].float(), x0[None], x_t[None], e[None], t[i:i + 1])
                    for i, (p, x0, x_t, e) in enumerate(zip(preds, x0s, x_ts, noises))) / len(x0s)
 
     def noise_augment(self, x_cond, t_aug, generator=None):
         """Conditioning augmentation (Ho et al. 2022, CDM Sec. 3; Imagen Video Sec. 2.5): noise the
-        conditioning signal to level t_aug with this schedule; the network also gets t_aug.
+        conditioning signal to level t_aug with this path; the network also gets t_aug.
         t_aug: (B,) tensor or a float for the whole batch. Returns (x_noisy, t_aug (B,))."""
         B = x_cond.shape[0]
         t_aug = torch.as_tensor(t_aug, dtype=torch.float32, device=x_cond.device)
         t_aug = t_aug.expand(B) if t_aug.dim() == 0 else t_aug             # (B,)
         return self.q_sample(x_cond, t_aug, _randn(x_cond.shape, x_cond, generator)), t_aug
+
+    # ------------------------------------------------------------------------- sampling
 
     @torch.no_grad()
     def sample(self, net, noise, cond, uncond=None, steps=None, guidance=None, sampler=None,
@@ -272,7 +361,7 @@ def guided_denoiser(net, cond: dict, uncond: dict | None, scale: float, diffusio
         x0_cond, x0_uncond = x0.chunk(2)
         return x0_uncond + scale * (x0_cond - x0_uncond)
 
-    denoise.logsnr = diffusion.logsnr
+    denoise.levels = diffusion.levels
     return denoise
 
 
@@ -296,14 +385,13 @@ def drop_condition(cond: dict, null_cond: dict, p: float, generator=None) -> dic
 
 # ----------------------------------------------------------------------------- samplers
 
-def _levels(denoise, ts):
-    """alpha_i, sigma_i, lambda_i at every grid time, in float64 (exact enough near t=0 and 1)."""
-    if not hasattr(denoise, "logsnr"):
-        raise TypeError("denoise must carry its schedule as `denoise.logsnr` (t -> logsnr); "
-                        "build it with guided_denoiser")
-    logsnr = denoise.logsnr(ts.double())                                   # (N+1,)
-    alpha, sigma = alpha_sigma(logsnr)
-    return alpha, sigma, logsnr / 2
+def _levels(denoise, ts, x):
+    """alpha_i, sigma_i, lambda_i at every grid time for samples shaped like x, in float64 (exact
+    enough near t=0 and 1)."""
+    if not hasattr(denoise, "levels"):
+        raise TypeError("denoise must carry its path as `denoise.levels` ((t, x) -> (alpha, sigma, "
+                        "lambda)); build it with guided_denoiser, or vp_levels for a log-SNR schedule")
+    return denoise.levels(ts.double(), x)                                 # 3 x (N+1,)
 
 
 def _loop(ts, progress, name):
@@ -319,7 +407,7 @@ def sample_ddim(denoise, x, ts, generator=None, progress=False):
         2. eps_hat = (x_t - alpha_t x0_hat) / sigma_t
         3. x_s     = alpha_s x0_hat + sigma_s eps_hat            (s = 0: x_s = x0_hat)
     """
-    alpha, sigma, _ = _levels(denoise, ts)
+    alpha, sigma, _ = _levels(denoise, ts, x)
     for i in _loop(ts, progress, "ddim"):
         x0 = denoise(x, ts[i].expand(x.shape[0]))
         if ts[i + 1] == 0:
@@ -340,7 +428,7 @@ def sample_dpmpp_2m(denoise, x, ts, generator=None, progress=False):
            D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev
         3. x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D  (s = 0: x_s = x0_hat)
     """
-    alpha, sigma, lam = _levels(denoise, ts)
+    alpha, sigma, lam = _levels(denoise, ts, x)
     x0_prev = h_prev = None
     for i in _loop(ts, progress, "dpmpp_2m"):
         x0 = denoise(x, ts[i].expand(x.shape[0]))
@@ -370,7 +458,7 @@ def sample_euler_ancestral(denoise, x, ts, generator=None, progress=False):
            sigma_up   = sqrt(sigma_s^2 - sigma_down^2)          (the std of q(x_s | x_t, x0))
         3. x_s = alpha_s x0_hat + sigma_down eps_hat + sigma_up z,  z ~ N(0, I)  (s = 0: x_s = x0_hat)
     """
-    alpha, sigma, _ = _levels(denoise, ts)
+    alpha, sigma, _ = _levels(denoise, ts, x)
     for i in _loop(ts, progress, "euler_ancestral"):
         x0 = denoise(x, ts[i].expand(x.shape[0]))
         if ts[i + 1] == 0:
@@ -383,4 +471,38 @@ def sample_euler_ancestral(denoise, x, ts, generator=None, progress=False):
     return x
 
 
-SAMPLERS = dict(zip(SAMPLER_NAMES, (sample_ddim, sample_dpmpp_2m, sample_euler_ancestral)))  # by name
+@torch.no_grad()
+def sample_heun(denoise, x, ts, generator=None, progress=False):
+    """Heun's method (Karras et al. 2022, Alg. 1), second order, on the probability-flow ODE
+    written as a rectified flow: any path x_t = alpha x0 + sigma eps is, in y = x / (alpha + sigma)
+    and u = sigma / (alpha + sigma), the straight path y = (1 - u) x0 + u eps with velocity
+    eps - x0 (for the flow itself y = x and u = t'), so the step is defined at t = 1 (alpha = 0)
+    too. Two network calls per step, one on the last.
+
+    For t = ts[i] -> s = ts[i+1], c = alpha + sigma:
+        1. x0_1 = D(x_t, t),  d_1 = eps_1 - x0_1                       (s = 0: x_s = x0_1)
+        2. y_e = y_t + (u_s - u_t) d_1                                 (Euler: this is DDIM's x_s)
+        3. x0_2 = D(c_s y_e, s),  d_2 = eps_2 - x0_2
+        4. x_s = c_s (y_t + (u_s - u_t) (d_1 + d_2) / 2)
+    """
+    alpha, sigma, _ = _levels(denoise, ts, x)
+    c = alpha + sigma
+    u = sigma / c
+    for i in _loop(ts, progress, "heun"):
+        x0 = denoise(x, ts[i].expand(x.shape[0]))
+        if ts[i + 1] == 0:
+            x = x0
+            continue
+        d1 = (x - alpha[i] * x0) / sigma[i] - x0
+        y, du = x / c[i], u[i + 1] - u[i]
+        x_e = c[i + 1] * (y + du * d1)
+        x0_e = denoise(x_e, ts[i + 1].expand(x.shape[0]))
+        d2 = (x_e - alpha[i + 1] * x0_e) / sigma[i + 1] - x0_e
+        x = c[i + 1] * (y + du * (d1 + d2) / 2)
+    return x
+
+
+# by name; "euler" is DDIM: for the rectified flow (alpha = 1 - t', sigma = t') the DDIM step is
+# exactly Euler's x_s = x_t + (s' - t')(eps - x0), the flow models' usual first-order sampler
+SAMPLERS = dict(zip(SAMPLER_NAMES, (sample_ddim, sample_dpmpp_2m, sample_euler_ancestral,
+                                    sample_ddim, sample_heun)))

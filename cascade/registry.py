@@ -14,4 +14,5 @@ DIT_SIZES = {                                      # dit.size: fills hidden / de
     "XL": dict(hidden=1152, depth=28, heads=16),
 }
 
-SAMPLER_NAMES = ("ddim", "dpmpp_2m", "euler_ancestral")   # cascade.diffusion.SAMPLERS implements each
+# cascade.diffusion.SAMPLERS implements each ("euler": DDIM, which is Euler's method for the flow)
+SAMPLER_NAMES = ("ddim", "dpmpp_2m", "euler_ancestral", "euler", "heun")

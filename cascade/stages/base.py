@@ -72,7 +72,7 @@ class BaseStage(DiffusionStage):
             x0 = self.vae.encode_latents(batch["video"].to(device))           # (B, Cz, T', h, w)
         cond = text_condition(self.text, batch["caption"], gens, self.cfg.diffusion.cond_drop, device,
                               {k: batch[k] for k in CACHED_TEXT} if cached else None)
-        t = gens.rand().to(device)
+        t = self.diffusion.draw_t(gens, device=device)                    # (B,)
         if packed:                                 # the same draws as gens.randn, per clip
             noise = [torch.randn(x.shape, generator=g).to(device) for x, g in zip(x0, gens)]
         else:

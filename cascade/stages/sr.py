@@ -91,7 +91,7 @@ class SRStage(DiffusionStage):
     def prepare(self, batch, gens, device) -> dict:
         x0 = batch["video"].to(device)                                    # (B, 3, T, H, W)
         cond = text_condition(self.text, batch["caption"], gens, self.cfg.diffusion.cond_drop, device)
-        t = gens.rand().to(device)
+        t = self.diffusion.draw_t(gens, device=device)                    # (B,)
         noise = gens.randn(x0.shape).to(device)
         aug_t = gens.rand().to(device) * self.cfg.sr.aug_max              # (B,) ~ U(0, aug_max)
         up = self.lowres(x0)
