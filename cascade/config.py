@@ -88,7 +88,7 @@ class DiTConfig:
     rope_scale: float = 1.0     # RoPE positions x this (dit.Rope3D: < 1 stops small grids aliasing)
     frame_pos: bool = False     # + absolute in-frame position (dit.FramePosition): where the borders are
     text_dim: int = 384
-    cond_frames: bool = False   # interp stage: extra input channels for keyframe latents + mask
+    cond_frames: bool = False   # extra input channels for given latents + mask (interp: keyframes; base: frame prompts)
     learn_sigma: bool = False
     text_pool: str = "mean"     # the text vector added to the time embedding: mean (the encoder's
                                 # pooled output) | attention (also a learned attention pooling of the tokens)
@@ -120,6 +120,29 @@ class InterpConfig:
     aug_sample: float = 0.1         # sampling: the fixed augmentation level of the keyframes
     residual: bool = False          # diffuse x - the keyframes' linear interpolation (stages.InterpStage)
     residual_scale: float = 1.0     # residual: diffuse it times this (~ 1 / its std)
+
+
+@dataclass
+class CondConfig:
+    """Prompting with frames (cascade/conditions.py; Sora's image and video prompts, Video LDM's
+    context frames): a base stage with dit.cond_frames trains on a condition type drawn per sample
+    at these rates (normalised; Open-Sora 2.0 weights its types the same way), so one model does
+    text-to-video and every task prompted with frames. Types name the latent frames given:
+    none (text only; the image branch of guidance), first, last, first_last (connect, loop),
+    first_k / last_k (extend, long videos: k drawn from 2..k_max)."""
+    none: float = 0.4
+    first: float = 0.25
+    last: float = 0.05
+    first_last: float = 0.1
+    first_k: float = 0.15
+    last_k: float = 0.05
+    k_max: int = 4                  # first_k / last_k: up to this many latent frames (at most T - 1)
+    aug_max: float = 0.2            # training: given latents noise-augmented to t_aug ~ U(0, aug_max)
+    aug_sample: float = 0.05        # sampling: their fixed augmentation level
+    image_guidance: float = 1.0     # sampling: image scale of the three-way guidance (1: two-way, text only)
+
+
+COND_TYPES = ("none", "first", "last", "first_last", "first_k", "last_k")
 
 
 @dataclass
@@ -195,6 +218,7 @@ class StageConfig:
     dit: DiTConfig = field(default_factory=DiTConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     interp: InterpConfig = field(default_factory=InterpConfig)
+    cond: CondConfig = field(default_factory=CondConfig)
     sr: SRConfig = field(default_factory=SRConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -269,15 +293,36 @@ def validate(cfg: StageConfig) -> StageConfig:
             min(*d.window_spatial, *d.window_spacetime) < 1:
         raise ConfigError(f"dit.window_spatial / dit.window_spacetime: need [h, w] and [t, h, w] of "
                           f"positive token counts, got {list(d.window_spatial)}, {list(d.window_spacetime)}")
-    if cfg.stage in ("base", "interp") and d.cond_frames != (cfg.stage == "interp"):
-        raise ConfigError(f"dit.cond_frames: must be {str(cfg.stage == 'interp').lower()} for the "
-                          f"'{cfg.stage}' stage (only interp takes keyframe latents as input)")
+    if cfg.stage == "interp" and not d.cond_frames:
+        raise ConfigError("dit.cond_frames: must be true for the 'interp' stage (it takes the "
+                          "keyframe latents as input)")
+    if cfg.stage == "base" and d.cond_frames:
+        _validate_cond(cfg)
     _validate_diffusion(cfg.diffusion)
     if cfg.stage == "interp":
         _validate_interp(cfg)
     if cfg.stage == "sr":
         _validate_sr(cfg)
     return cfg
+
+
+def _validate_cond(cfg: StageConfig) -> None:
+    """cond: rates that make a distribution, sizes the base's frames can take."""
+    c = cfg.cond
+    rates = [getattr(c, k) for k in COND_TYPES]
+    if min(rates) < 0 or sum(rates) <= 0:
+        raise ConfigError(f"cond: the condition-type rates ({', '.join(COND_TYPES)}) must be >= 0 "
+                          f"and not all 0, got {rates}")
+    if c.k_max < 1:
+        raise ConfigError(f"cond.k_max: must be >= 1 (a clip of T latent frames is given at most "
+                          f"T - 1 of them), got {c.k_max}")
+    for key in ("aug_max", "aug_sample"):
+        if not 0.0 <= getattr(c, key) <= 1.0:
+            raise ConfigError(f"cond.{key}: must be in [0, 1], got {getattr(c, key)}")
+    if c.image_guidance < 0:
+        raise ConfigError(f"cond.image_guidance: must be >= 0, got {c.image_guidance}")
+    if cfg.train.pack_tokens:
+        raise ConfigError("train.pack_tokens: packing does not take dit.cond_frames (frame prompts)")
 
 
 def _validate_diffusion(d: DiffusionConfig) -> None:

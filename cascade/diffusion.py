@@ -315,16 +315,19 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, net, noise, cond, uncond=None, steps=None, guidance=None, sampler=None,
-               progress=False, generator=None, guidance_interval=None):
+               progress=False, generator=None, guidance_interval=None, image_guidance=None,
+               null_image=None):
         """Draw x0 from noise at t=1: the guided denoiser run by a sampler over `time_grid(steps)`.
-        None falls back to the config's steps / guidance / sampler / guidance_interval."""
+        None falls back to the config's steps / guidance / sampler / guidance_interval;
+        image_guidance with null_image: three-way guidance (`guided_denoiser`)."""
         steps = self.cfg.steps if steps is None else steps
         guidance = self.cfg.guidance if guidance is None else guidance
         interval = self.cfg.guidance_interval if guidance_interval is None else guidance_interval
         sampler = self.cfg.sampler if sampler is None else sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: '{sampler}' is not one of {', '.join(SAMPLERS)}")
-        denoise = guided_denoiser(net, cond, uncond, guidance, self, interval)
+        denoise = guided_denoiser(net, cond, uncond, guidance, self, interval, image_guidance,
+                                  null_image)
         return SAMPLERS[sampler](denoise, noise, time_grid(steps, noise.device),
                                  generator=generator, progress=progress)
 
@@ -332,7 +335,8 @@ class Diffusion:
 # ----------------------------------------------------------------------------- guidance
 
 def guided_denoiser(net, cond: dict, uncond: dict | None, scale: float, diffusion: Diffusion,
-                    interval=(0.0, 1.0)):
+                    interval=(0.0, 1.0), image_scale: float | None = None,
+                    null_image: dict | None = None):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6) as a denoiser D(x, t) -> x0_hat:
 
         x0_hat = x0_uncond + scale * (x0_cond - x0_uncond)
@@ -342,24 +346,34 @@ def guided_denoiser(net, cond: dict, uncond: dict | None, scale: float, diffusio
     as combining v or eps: each is affine in the other with the same (x_t, t) coefficients and the
     guidance weights sum to 1. scale == 1 or uncond None: a single unguided call.
 
+    Three-way guidance for a model prompted with text and frames (InstructPix2Pix, Brooks et al.
+    2023, eq. 3; Open-Sora 2.0's text and image scales): with image_scale set (not None, not 1)
+    and null_image (the frame inputs of "nothing given", replacing those keys), uncond keeps the
+    frames and a third branch drops both:
+
+        x0_hat = x0(-, -) + image_scale (x0(-, img) - x0(-, -)) + scale (x0(txt, img) - x0(-, img))
+
     interval (lo, hi): guidance only at the steps whose t lies in [lo, hi], the conditional
     prediction alone elsewhere (Kynkaanniemi et al. 2024: guidance at high noise levels pushes
     samples to a few layouts; on the tiny base it drew second objects)."""
-    guided = uncond is not None and scale != 1
+    three = uncond is not None and null_image is not None and image_scale not in (None, 1)
+    guided = uncond is not None and (scale != 1 or three)
     if guided and set(uncond) != set(cond):
         raise ValueError(f"uncond keys {sorted(uncond)} differ from cond keys {sorted(cond)}")
     lo, hi = interval
     if not 0 <= lo <= hi <= 1:
         raise ValueError(f"guidance_interval: need 0 <= lo <= hi <= 1, got {list(interval)}")
+    branches = [cond, uncond] + ([{**uncond, **null_image}] if three else [])
 
     def denoise(x, t):
         if not guided or not lo <= float(t[0]) <= hi:
             return diffusion.denoise(net, x, t, cond)
-        B = x.shape[0]
-        both = {k: torch.cat([cond[k], uncond[k].expand(B, *uncond[k].shape[1:])]) for k in cond}
-        x0 = diffusion.denoise(net, torch.cat([x, x]), torch.cat([t, t]), both)  # (2B, ...)
-        x0_cond, x0_uncond = x0.chunk(2)
-        return x0_uncond + scale * (x0_cond - x0_uncond)
+        B, n = x.shape[0], len(branches)
+        both = {k: torch.cat([b[k].expand(B, *b[k].shape[1:]) for b in branches]) for k in cond}
+        x0 = diffusion.denoise(net, torch.cat([x] * n), torch.cat([t] * n), both).chunk(n)  # n x (B, ...)
+        if three:
+            return x0[2] + image_scale * (x0[1] - x0[2]) + scale * (x0[0] - x0[1])
+        return x0[1] + scale * (x0[0] - x0[1])
 
     denoise.levels = diffusion.levels
     return denoise

@@ -36,6 +36,7 @@ class StageSampling:
     guidance: float | None = None
     sampler: str | None = None
     guidance_interval: tuple | None = None      # (lo, hi): guided only at t in [lo, hi]
+    image_guidance: float | None = None         # frame prompts: the image scale of three-way guidance
 
     @classmethod
     def of(cls, value) -> "StageSampling":
@@ -48,7 +49,7 @@ class StageSampling:
             unknown = set(value) - {f.name for f in fields(cls)}
             if unknown:
                 raise ValueError(f"stage sampling: unknown key(s) {sorted(unknown)} "
-                                 f"(use steps, guidance, sampler, guidance_interval)")
+                                 f"(use steps, guidance, sampler, guidance_interval, image_guidance)")
             return cls(**value)
         raise TypeError(f"stage sampling must be None, a dict or a StageSampling, got {type(value)}")
 
@@ -57,6 +58,7 @@ class StageSampling:
         from cascade.registry import SAMPLER_NAMES as SAMPLERS
         check_number(f"{where}steps", self.steps, 1, MAX_STEPS, integer=True)
         check_number(f"{where}guidance", self.guidance, 0, MAX_GUIDANCE)
+        check_number(f"{where}image_guidance", self.image_guidance, 0, MAX_GUIDANCE)
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"{where}sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.guidance_interval is not None:

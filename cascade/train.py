@@ -344,15 +344,17 @@ def image_step(seed: int, step: int, fraction: float) -> bool:
 
 def init_weights(net: torch.nn.Module, folder: str, stage: str) -> None:
     """Load an exported stage's weights into net before training (a checkpoint resume replaces
-    them later). A missing or mismatched tensor is a one-line error naming it."""
+    them later). Parts this model adds at zero (`VideoDiT.grow_state`: the in-frame position,
+    frame-condition inputs) are grown and named; any other missing or mismatched tensor is a
+    one-line error naming it."""
     from cascade.stages import load_export
     _, state = load_export(folder, expect_stage=stage)
     own = net.state_dict()
-    grown = [k for k in getattr(net, "zero_init_keys", list)() if k not in state]
-    if grown:
-        print(f"train.init_from: {len(grown)} new zero-initialised tensor(s) not in {folder}: "
-              f"{', '.join(grown)}")
-        state = {**state, **{k: own[k] for k in grown}}
+    if hasattr(net, "grow_state"):
+        state, grown = net.grow_state(state)
+        if grown:
+            print(f"train.init_from: {len(grown)} new zero-started tensor(s) not in {folder}: "
+                  f"{', '.join(grown)}")
     for k, v in own.items():
         if k not in state:
             raise ValueError(f"train.init_from: {folder} has no tensor '{k}' (a different model?)")

@@ -314,11 +314,12 @@ class FramePosition(nn.Module):
 class VideoDiT(nn.Module):
     """net(x (B, C, T, H, W), t (B,), cond {text (B, L, Dt), text_mask (B, L), pooled (B, Dt)}).
 
-    cond_frames=True (interp stage, Video LDM Sec. 3.1.2): cond also holds frames (B, C, T, H, W),
-    the noise-augmented keyframe latents at their slots (zeros elsewhere), frame_mask (B, 1, T, H, W)
-    or (B, 1, T, 1, 1), 1 at keyframe slots, and aug_t (B,), their augmentation level. The input
-    tokens are made from concat(x, frames, mask) along channels; aug_t gets its own timestep MLP,
-    added to the time embedding (conditioning augmentation, Ho et al. 2022 CDM Sec. 3)."""
+    cond_frames=True (interp stage, Video LDM Sec. 3.1.2; the base stage prompted with frames,
+    cascade/conditions.py): cond also holds frames (B, C, T, H, W), the noise-augmented given
+    latents at their slots (zeros elsewhere), frame_mask (B, 1, T, H, W) or (B, 1, T, 1, 1), 1 at
+    the given slots, and aug_t (B,), their augmentation level. The input tokens are made from
+    concat(x, frames, mask) along channels; aug_t gets its own timestep MLP, added to the time
+    embedding (conditioning augmentation, Ho et al. 2022 CDM Sec. 3)."""
 
     sp_group = None                    # sequence parallelism: see `sequence_parallel`
 
@@ -356,7 +357,7 @@ class VideoDiT(nn.Module):
         nn.init.normal_(self.t_embed[2].weight, std=0.02)
         if self.aug_embed is not None:
             nn.init.normal_(self.aug_embed[0].weight, std=0.02)
-            nn.init.normal_(self.aug_embed[2].weight, std=0.02)
+            nn.init.normal_(self.aug_embed[2].weight, std=0.02)   # (grow_state zeroes it instead)
         for blk in self.blocks:
             nn.init.zeros_(blk.ada[-1].weight)
             nn.init.zeros_(blk.ada[-1].bias)
@@ -392,9 +393,36 @@ class VideoDiT(nn.Module):
         return cut(x), cond, r * (Tp // P)
 
     def zero_init_keys(self) -> list[str]:
-        """Parameters that start at zero and that an export of a model without them may lack
-        (`train.init_from` starts them at zero): the in-frame position's projection."""
-        return [f"frame_pos.proj.{n}" for n in ("weight", "bias")] if self.frame_pos is not None else []
+        """Parameters that start at zero when an export of a model without them is grown into this
+        one (`grow_state`): the in-frame position's projection, and the last layer of the frame
+        conditions' augmentation embedding (its output starts at 0, its first layer keeps its init
+        so gradients reach it)."""
+        keys = [f"frame_pos.proj.{n}" for n in ("weight", "bias")] if self.frame_pos is not None else []
+        if self.aug_embed is not None:
+            keys += [f"aug_embed.2.{n}" for n in ("weight", "bias")]
+        return keys
+
+    def grow_state(self, state: dict) -> tuple[dict, list[str]]:
+        """An export's state dict made to fit this model where this one only adds zero-started
+        parts: the in-frame position (dit.frame_pos), and frame conditions (dit.cond_frames) on a
+        model trained without them: the tubelet embedding's new input columns (the given frames
+        and their mask, after x's in the channel-major token) start at zero, the augmentation
+        embedding's output too, so the grown model gives the old one's output bit for bit until
+        it is trained (Open-Sora 2.0 / ControlNet's zero-initialised condition inputs).
+        -> (state, the names grown)."""
+        own, state, grown = self.state_dict(), dict(state), []
+        zero = set(self.zero_init_keys())
+        for k in own:
+            if k not in state and (k in zero or k.startswith("aug_embed.")):
+                state[k] = torch.zeros_like(own[k]) if k in zero else own[k]
+                grown.append(k)
+        w = state.get("patch.weight")
+        if w is not None and w.shape[0] == own["patch.weight"].shape[0] and \
+                w.shape[1] < own["patch.weight"].shape[1]:
+            pad = own["patch.weight"].shape[1] - w.shape[1]
+            state["patch.weight"] = torch.cat([w, w.new_zeros(w.shape[0], pad)], 1)
+            grown.append(f"patch.weight ({pad} input columns)")
+        return state, grown
 
     def check_shape(self, T: int, H: int, W: int) -> None:
         c = self.cfg

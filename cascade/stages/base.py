@@ -7,6 +7,8 @@ import torch
 
 from cascade.config import ConfigError, StageConfig
 from cascade.stages.common import CACHED_TEXT, DiffusionStage, load_text_encoder, text_condition
+
+FRAME_KEYS = ("frames", "frame_mask", "aug_t")   # the network's frame-condition inputs (dit.cond_frames)
 from cascade.stages.vae import load_vae
 
 
@@ -14,7 +16,12 @@ class BaseStage(DiffusionStage):
     """Keyframe DiT on VAE latents, text-conditioned, trained with the shared diffusion loss.
 
     Training (`BaseStage(cfg)`): the frozen VAE of train.vae_dir encodes the clips, the frozen text
-    encoder their captions (dropped for CFG). Sampling (`from_export`): noise -> keyframe latents."""
+    encoder their captions (dropped for CFG). Sampling (`from_export`): noise -> keyframe latents.
+
+    dit.cond_frames (prompting with frames, cascade/conditions.py): each training sample is also
+    given some of its own latent frames, by a condition type drawn at cfg.cond's rates, noise-
+    augmented to t_aug ~ U(0, cond.aug_max) and placed at their slots with a mask (the interp
+    stage's input layout); the loss is the shared one on every frame, as interp's."""
 
     name, network = "base", "dit"
 
@@ -26,6 +33,12 @@ class BaseStage(DiffusionStage):
         self.vae, _ = load_vae(cfg.train.vae_dir, device)
         self._check_latents(cfg)
         self._setup(cfg, VideoDiT(cfg.dit), load_text_encoder(cfg, "dit", device))
+
+    def _setup(self, cfg, net, text) -> None:
+        super()._setup(cfg, net, text)
+        self.frame_prompts = cfg.dit.cond_frames and cfg.stage == "base"
+        if self.frame_prompts:
+            self.cond_keys = CACHED_TEXT + FRAME_KEYS
 
     def _check_latents(self, cfg: StageConfig) -> None:
         """The DiT's grid is the VAE latent of the data's clips; packed rows and sequence-parallel
@@ -77,7 +90,20 @@ class BaseStage(DiffusionStage):
             noise = [torch.randn(x.shape, generator=g).to(device) for x, g in zip(x0, gens)]
         else:
             noise = gens.randn((len(gens), *x0.shape[1:])).to(device)
+        if self.frame_prompts:
+            cond.update(self.training_frames(x0, gens))
         return {"x0": x0, "t": t, "noise": noise, **cond}
+
+    def training_frames(self, x0: torch.Tensor, gens) -> dict:
+        """The frame prompt of each training sample (`conditions.training_mask`): its given latent
+        frames, noise-augmented, at their slots, their mask and the augmentation level (0 where
+        nothing is given). x0 (B, C, T, h, w) -> frames, frame_mask (B, 1, T, 1, 1), aug_t (B,)."""
+        from cascade.conditions import training_mask
+        mask = training_mask(self.cfg.cond, gens, x0.shape[2]).to(x0.device)   # (B, T)
+        aug_t = gens.rand().to(x0.device) * self.cfg.cond.aug_max * (mask.sum(1) > 0)
+        aug, _ = self.diffusion.noise_augment(x0, aug_t, gens)            # each row its own noise
+        mask = mask[:, None, :, None, None]                                # (B, 1, T, 1, 1)
+        return {"frames": aug * mask, "frame_mask": mask, "aug_t": aug_t}
 
     def loss(self, net, inputs):
         if isinstance(inputs["x0"], list):         # packed (train.pack_tokens)
@@ -89,10 +115,44 @@ class BaseStage(DiffusionStage):
 
     # ------------------------------------------------------------------------- sampling
 
-    def sample(self, shape: tuple, cond: dict, uncond: dict, sampling, generator, progress: bool):
+    def sample(self, shape: tuple, cond: dict, uncond: dict, sampling, generator, progress: bool,
+               given: tuple | None = None):
         """Latent keyframes (B, Cz, Kb, h, w) = shape from noise drawn from `generator` (each
-        video's own stream, `seeding.RowGenerators`)."""
+        video's own stream, `seeding.RowGenerators`).
+
+        given: (latents (B, Cz, Kb, h, w), mask (B, Kb)), the keyframes a frame prompt fixes
+        (cascade/conditions.py), or None. A base trained with dit.cond_frames takes them noise-
+        augmented to cond.aug_sample through its frame inputs (zeros and level 0 when nothing is
+        given: its text-to-video branch), guided three-way when cond.image_guidance says so; the
+        given keyframes are put back in the result as they were given."""
         from cascade.diffusion import _randn
         like = next(self.net.parameters())                                 # float32, the net's device
         noise = _randn(shape, like.new_empty(()), generator)
-        return self.denoise(noise, cond, uncond, sampling, generator, progress)   # (B, Cz, Kb, h, w)
+        null = None
+        if given is not None and not self.frame_prompts:
+            raise ValueError(f"this base stage was not trained for frame prompts (dit.cond_frames="
+                             f"false): it cannot be given frames (fine-tune it with "
+                             f"dit.cond_frames=true, README)")
+        if self.frame_prompts:
+            frames, null = self.frame_inputs(given, noise, generator)
+            cond, uncond = {**cond, **frames}, {**uncond, **frames}
+        out = self.denoise(noise, cond, uncond, sampling, generator, progress, null)
+        if given is not None:                      # the given keyframes, exactly
+            keep = given[1].to(out.dtype)[:, None, :, None, None]          # (B, 1, Kb, 1, 1)
+            out = keep * given[0].to(out) + (1 - keep) * out
+        return out                                                         # (B, Cz, Kb, h, w)
+
+    def frame_inputs(self, given, like: torch.Tensor, generator) -> tuple[dict, dict]:
+        """The network's frame inputs for `given` (None: nothing given) and those of "nothing
+        given" (three-way guidance's null branch): frames (B, C, Kb, h, w), frame_mask
+        (B, 1, Kb, 1, 1), aug_t (B,)."""
+        B, _, Kb = like.shape[:3]
+        null = {"frames": torch.zeros_like(like), "frame_mask": like.new_zeros(B, 1, Kb, 1, 1),
+                "aug_t": like.new_zeros(B)}
+        if given is None:
+            return null, null
+        latents, mask = given[0].to(like), given[1].to(like)               # (B, C, Kb, h, w), (B, Kb)
+        level = self.cfg.cond.aug_sample * (mask.sum(1) > 0).to(like)      # (B,)
+        aug, aug_t = self.diffusion.noise_augment(latents, level, generator)
+        mask = mask[:, None, :, None, None]
+        return {"frames": aug * mask, "frame_mask": mask, "aug_t": aug_t}, null

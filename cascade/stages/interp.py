@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade.config import ConfigError, StageConfig, interp_frames_error
-from cascade.stages.base import BaseStage
+from cascade.stages.base import FRAME_KEYS, BaseStage
 from cascade.stages.common import CACHED_TEXT
 
 
@@ -83,7 +83,7 @@ class InterpStage(BaseStage):
     reconstruction), and a stage that diffuses x itself scored 30.5 dB, below it."""
 
     name, network = "interp", "dit"
-    cond_keys = CACHED_TEXT + ("frames", "frame_mask", "aug_t")
+    cond_keys = CACHED_TEXT + FRAME_KEYS
 
     def __init__(self, cfg: StageConfig, device="cpu"):
         if not cfg.dit.cond_frames:

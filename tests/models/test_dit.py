@@ -245,9 +245,9 @@ def test_frame_pos_starts_as_the_model_without_it_and_knows_the_borders():
     plain = VideoDiT(tiny_cfg())
     randomize_zero_init(plain)
     grown = VideoDiT(tiny_cfg(frame_pos=True))
-    state = {**plain.state_dict(), **{k: grown.state_dict()[k] for k in grown.zero_init_keys()}}
+    state, names = grown.grow_state(plain.state_dict())
     grown.load_state_dict(state)
-    assert grown.zero_init_keys() == ["frame_pos.proj.weight", "frame_pos.proj.bias"]
+    assert names == grown.zero_init_keys() == ["frame_pos.proj.weight", "frame_pos.proj.bias"]
     x, t, c = torch.zeros(1, 4, 4, 6, 6), torch.full((1,), 0.5), cond(B=1, empty_row=False)
     x[..., 0:2, 0:2] = 1.0                                         # a blob in the top-left patch
     moved = torch.roll(x, shifts=(2, 2), dims=(3, 4))              # the same blob one patch over
