@@ -2,6 +2,7 @@
 
     cascade train configs/tiny/vae.yaml train.steps=500      one stage, DeepSpeed
     cascade train-cascade configs/cascade/tiny.yaml           every stage of a cascade, in order
+    cascade export runs/tiny/base --out exports/base_now     a checkpoint's EMA weights, exported
     cascade sample "a red circle moving left on a blue background"
     cascade eval --stages runs/tiny --num-prompts 32 --out outputs/eval
     cascade cache configs/tiny/base.yaml --out caches/base     encode the data once (data.kind=cache)
@@ -14,6 +15,7 @@ line naming the problem and exit status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -128,6 +130,11 @@ def cmd_train(args) -> None:
     train(load_config(args.config, args.overrides), progress=not args.no_progress)
 
 
+def cmd_export(args) -> None:
+    from cascade.train import export_checkpoint
+    export_checkpoint(args.run, args.out, args.step)
+
+
 def cmd_train_cascade(args) -> None:
     train_cascade(args.config, args.overrides, progress=not args.no_progress)
 
@@ -203,6 +210,11 @@ def check_sampling_args(args) -> None:
         if size is not None and not 1 <= size <= MAX_SIZE:
             raise ValueError(f"--{axis}: must be 1..{MAX_SIZE} pixels, got {size}")
     check_number("--num-videos", getattr(args, "num_videos", None), 1, MAX_VIDEOS, integer=True)
+    check_number("--extend", getattr(args, "extend", None), 1, MAX_FRAMES, integer=True)
+    check_number("--image-guidance", getattr(args, "image_guidance", None), 0, MAX_GUIDANCE)
+    strength = getattr(args, "strength", None)
+    if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
+        raise ValueError(f"--strength: must be in (0, 1], got {strength}")
 
 
 def writable_folder(path: str | Path, flag: str = "--out") -> Path:
@@ -219,6 +231,48 @@ def writable_folder(path: str | Path, flag: str = "--out") -> Path:
     except (OSError, ValueError) as e:                 # ValueError: a NUL byte in the path
         raise ValueError(f"{flag}: cannot write to {out} ({getattr(e, 'strerror', None) or e})") from None
     return out
+
+
+def conditions_from_args(args, fps: float):
+    """The frame prompt the sample flags ask for (cascade/conditions.py), or None for text only;
+    videos resampled to the output's `fps`. One-line errors for flags that do not go together."""
+    from cascade.conditions import Conditions
+    from cascade.video_io import read_image, read_video_tensor
+    image = read_image(args.image) if args.image else None
+    last = read_image(args.last_image) if args.last_image else None
+    video = read_video_tensor(args.video, fps) if args.video else None
+    uses = [name for name, on in (("--extend", args.extend is not None), ("--connect", args.connect),
+                                  ("--strength", args.strength is not None), ("--loop", args.loop))
+            if on]
+    if len(uses) > 1:
+        raise ValueError(f"{' and '.join(uses)}: choose one task")
+    if (args.extend is not None or args.connect or args.strength is not None) and video is None:
+        raise ValueError(f"{uses[0]}: needs --video (the clip to {uses[0][2:]})")
+    if args.backward and args.extend is None:
+        raise ValueError("--backward: goes with --video ... --extend N")
+    if video is not None and not uses:
+        raise ValueError("--video: say what to do with it: --extend N, --connect B.mp4 or --strength S")
+    if (image is not None or last is not None) and uses and uses != ["--loop"]:
+        raise ValueError(f"--image / --last-image: not with {uses[0]}")
+    if args.extend is not None:
+        return Conditions.extend(video, args.extend, args.backward)
+    if args.connect:
+        b = read_video_tensor(args.connect, fps)
+        if b.shape[2:] != video.shape[2:]:
+            raise ValueError(f"--connect: {args.connect} is {b.shape[3]}x{b.shape[2]}, the --video "
+                             f"{video.shape[3]}x{video.shape[2]}: connect clips of one size")
+        return Conditions.connect(video, b)
+    if args.strength is not None:
+        return Conditions.edit(video, args.strength)
+    if args.loop:
+        if last is not None:
+            raise ValueError("--last-image: not with --loop (a loop ends on its first frame)")
+        return Conditions.loop(image)
+    if image is not None or last is not None:
+        if image is None:
+            return Conditions("i2v", {-1: last})
+        return Conditions.image_to_video(image, last)
+    return None
 
 
 def cmd_sample(args) -> None:
@@ -247,6 +301,11 @@ def cmd_sample(args) -> None:
     pipe = Pipeline(stages, device, use_interp=False if args.no_interp else None,
                     use_sr=False if args.no_sr else None)
     per_stage = resolve_sampling(args, cc)
+    passes = args.interp_passes if args.interp_passes is not None else (1 if pipe.interp else 0)
+    conditions = conditions_from_args(args, pipe.fps * (pipe.interp.cfg.interp.rate ** passes
+                                                        if passes else 1))
+    if args.image_guidance is not None:
+        per_stage["base"].image_guidance = args.image_guidance
     short = {}                                         # extended prompt -> the user's prompt
     if extender is not None:
         text = getattr(pipe, "text", None)             # the added words fit its max_length
@@ -259,7 +318,8 @@ def cmd_sample(args) -> None:
         prompts = extended_prompts
     res = pipe(prompts, seed=args.seed, num_videos=args.num_videos, batch_size=args.batch_size,
                **per_stage, interp_passes=args.interp_passes, frames=args.frames,
-               height=args.height, width=args.width, progress=not args.no_progress)
+               height=args.height, width=args.width, progress=not args.no_progress,
+               conditions=conditions)
     if not torch.isfinite(res.video).all():            # never write black videos over good ones
         raise ValueError(f"sampling gave non-finite values (check the sampling flags and the "
                          f"stages in {stages}); nothing was written to {out}")
@@ -339,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
+    ex = sub.add_parser("export", help="export the EMA weights of a run's checkpoint (the newest, "
+                                       "or --step) while or after it trains")
+    ex.add_argument("run", help="a train.out_dir")
+    ex.add_argument("--out", required=True, help="the export folder to write")
+    ex.add_argument("--step", type=int, help="the checkpoint's step (default: the newest intact one)")
+    ex.set_defaults(fn=cmd_export)
     tc = sub.add_parser("train-cascade", help="train every stage of a cascade, in order")
     tc.add_argument("config", nargs="?", default=str(DEFAULT_CASCADE))
     tc.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")
@@ -363,6 +429,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int, help="output width in pixels (as --height)")
     s.add_argument("--frames", type=int, help="frames of the output video (default: what the base "
                    "stage was trained on, through interp)")
+    s.add_argument("--image", help="animate this image: it is the video's first frame (any size "
+                   "or mode; resized and centre-cropped to the output)")
+    s.add_argument("--last-image", help="this image is the video's last frame (with --image: "
+                   "first and last)")
+    s.add_argument("--video", help="an input clip for --extend, --connect or --strength")
+    s.add_argument("--extend", type=int, metavar="N", help="make N new frames after --video "
+                   "(--backward: before it), written as one video with it")
+    s.add_argument("--backward", action="store_true", help="--extend before the clip")
+    s.add_argument("--connect", metavar="B", help="make the frames leading from the end of "
+                   "--video to the start of this clip, written as one video")
+    s.add_argument("--loop", action="store_true", help="a video that ends where it starts "
+                   "(from --image when given)")
+    s.add_argument("--strength", type=float, help="edit --video (SDEdit): noise it to this level "
+                   "in (0, 1] and denoise with the prompt; low keeps more of it")
+    s.add_argument("--image-guidance", type=float, help="image scale of the three-way guidance "
+                   "when frames are given (default: the base config's cond.image_guidance)")
     s.add_argument("--no-interp", action="store_true", help="skip the interp stage")
     s.add_argument("--no-sr", action="store_true", help="skip the super-resolution stage")
     s.add_argument("--save-stages", action="store_true", help="also write each video's keyframes, "

@@ -305,21 +305,29 @@ class Diffusion:
     def noise_augment(self, x_cond, t_aug, generator=None):
         """Conditioning augmentation (Ho et al. 2022, CDM Sec. 3; Imagen Video Sec. 2.5): noise the
         conditioning signal to level t_aug with this path; the network also gets t_aug.
-        t_aug: (B,) tensor or a float for the whole batch. Returns (x_noisy, t_aug (B,))."""
+        t_aug: (B,) tensor or a float for the whole batch; 0 leaves a row clean. Returns
+        (x_noisy, t_aug (B,))."""
         B = x_cond.shape[0]
         t_aug = torch.as_tensor(t_aug, dtype=torch.float32, device=x_cond.device)
         t_aug = t_aug.expand(B) if t_aug.dim() == 0 else t_aug             # (B,)
-        return self.q_sample(x_cond, t_aug, _randn(x_cond.shape, x_cond, generator)), t_aug
+        noisy = self.q_sample(x_cond, t_aug, _randn(x_cond.shape, x_cond, generator))
+        clean = _bcast(t_aug == 0, x_cond)                 # level 0: the signal itself (a VP path
+        return torch.where(clean, x_cond, noisy), t_aug     # has sigma 5.5e-4 at t = 0, not 0)
 
     # ------------------------------------------------------------------------- sampling
 
     @torch.no_grad()
     def sample(self, net, noise, cond, uncond=None, steps=None, guidance=None, sampler=None,
                progress=False, generator=None, guidance_interval=None, image_guidance=None,
-               null_image=None):
+               null_image=None, known=None, start=None):
         """Draw x0 from noise at t=1: the guided denoiser run by a sampler over `time_grid(steps)`.
         None falls back to the config's steps / guidance / sampler / guidance_interval;
-        image_guidance with null_image: three-way guidance (`guided_denoiser`)."""
+        image_guidance with null_image: three-way guidance (`guided_denoiser`).
+
+        known: (values, mask) broadcastable to x: entries the result must equal (`keep_known`).
+        start: (x0_source, strength) for SDEdit (Meng et al. 2022): the source noised with `noise`
+        to t = strength and denoised from there over the grid's last round(steps * strength)
+        steps, so a strength of 1 is sampling from pure noise and 0.3 keeps the source's layout."""
         steps = self.cfg.steps if steps is None else steps
         guidance = self.cfg.guidance if guidance is None else guidance
         interval = self.cfg.guidance_interval if guidance_interval is None else guidance_interval
@@ -328,8 +336,30 @@ class Diffusion:
             raise ValueError(f"sampler: '{sampler}' is not one of {', '.join(SAMPLERS)}")
         denoise = guided_denoiser(net, cond, uncond, guidance, self, interval, image_guidance,
                                   null_image)
-        return SAMPLERS[sampler](denoise, noise, time_grid(steps, noise.device),
-                                 generator=generator, progress=progress)
+        if known is not None:
+            denoise = keep_known(denoise, *known)
+        ts, x = time_grid(steps, noise.device), noise
+        if start is not None:
+            source, strength = start
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength: must be in (0, 1], got {strength}")
+            ts = torch.linspace(strength, 0.0, max(1, round(steps * strength)) + 1, device=noise.device)
+            x = self.q_sample(source.to(noise), ts[0].expand(noise.shape[0]), noise)
+        return SAMPLERS[sampler](denoise, x, ts, generator=generator, progress=progress)
+
+
+def keep_known(denoise, values: torch.Tensor, mask: torch.Tensor):
+    """A denoiser whose x0 estimate is `values` where `mask` is set (values, mask broadcast to x):
+    the samplers then carry those entries along the path of their own noise (DDIM: x_s = alpha_s
+    values + sigma_s eps, the network seeing them noised to every level, as RePaint's known
+    region, Lugmayr et al. 2022) and land on them exactly at t = 0. The given frames of a
+    frame prompt (cascade/conditions.py) and a window's context frames stay as given."""
+    def wrapped(x, t):
+        x0 = denoise(x, t)
+        m = mask.to(x0.dtype)
+        return m * values.to(x0) + (1 - m) * x0
+    wrapped.levels = denoise.levels
+    return wrapped
 
 
 # ----------------------------------------------------------------------------- guidance

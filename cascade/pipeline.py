@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cascade.conditions import Conditions
 from cascade.config import ConfigError
 from cascade.heap import malloc_trim
 from cascade.sampling import MAX_GUIDANCE, MAX_STEPS, StageSampling, check_number, resolve_sampling
@@ -28,7 +29,7 @@ from cascade.seeding import RowGenerators
 from cascade.stages import BaseStage, InterpStage, SRStage, VAEStage, keyframe_groups
 from cascade.text import check_prompts
 
-__all__ = ["MAX_GUIDANCE", "MAX_STEPS", "Pipeline", "Result", "StageSampling", "check_number",
+__all__ = ["Conditions", "MAX_GUIDANCE", "MAX_STEPS", "Pipeline", "Result", "StageSampling", "check_number",
            "keyframe_groups", "resolve_sampling"]          # re-exported: where callers import them
 
 MAX_EXTENT = 4          # an output axis may be up to 4x the trained size (Pipeline.latent_size_for)
@@ -272,8 +273,14 @@ class Pipeline:
                  base: StageSampling | dict | None = None, interp: StageSampling | dict | None = None,
                  sr: StageSampling | dict | None = None, interp_passes: int | None = None,
                  frames: int | None = None, height: int | None = None, width: int | None = None,
-                 batch_size: int = 1, progress: bool = True) -> Result:
+                 batch_size: int = 1, progress: bool = True,
+                 conditions: Conditions | None = None) -> Result:
         """Sample `num_videos` videos per prompt: text -> base -> interp -> VAE decode -> sr.
+
+        conditions: what every video is prompted with besides text (cascade/conditions.py: an
+        image to animate, a video to extend / connect / edit, a loop); None is text only. Its
+        given frames go to every stage (`_given`); the video returned holds the extended or
+        connected input too.
 
         steps / guidance / sampler apply to every diffusion stage; `base`, `interp`, `sr`
         (StageSampling or a dict of the same fields) override them per stage; whatever is None
@@ -305,8 +312,12 @@ class Pipeline:
         call = StageSampling(steps, guidance, sampler).check()
         sampling = {name: resolve_sampling(StageSampling.of(v).check(f"{name}."), call)
                     for name, v in (("base", base), ("interp", interp), ("sr", sr))}
-        kb = self.base_cfg.dit.frames if frames is None else self.keyframes_for(frames, passes)
+        if frames is not None and conditions is None:
+            self.keyframes_for(frames, passes)                      # an unreachable count: its error
         size = self.latent_size_for(height, width)                  # (h, w) base latents
+        plan = self.plan(conditions or Conditions(), passes, size, frames)
+        kb = self.keyframes_for(plan.length, passes)
+        given = self._given(plan, passes, kb)
         if passes:
             keyframe_groups(kb, self.interp_keyframes)               # fail before sampling
         videos = [(p, k) for p in prompts for k in range(num_videos)]  # (prompt, its video index)
@@ -319,7 +330,7 @@ class Pipeline:
             bar.set_postfix_str(name)
             return meter(name)
 
-        parts = [self._run(chunk, seed, kb, size, passes, sampling, step, bar, progress)
+        parts = [self._run(chunk, seed, kb, size, passes, sampling, step, bar, progress, plan, given)
                  for chunk in chunks]
         bar.close()
         stages = {k: torch.cat([part[k] for part in parts]).float().cpu() for k in parts[0]}
@@ -329,6 +340,81 @@ class Pipeline:
         return Result(video=stages["final"], prompts=[p for p, _ in videos], stages=stages,
                       timings=meter.timings, memory=meter.memory, memory_kind=meter.kind, fps=fps,
                       stage_fps=stage_fps)
+
+    # ------------------------------------------------------------------------- frame prompts
+
+    def reachable(self, n: int, passes: int) -> int:
+        """The smallest frame count >= n this cascade makes with `passes` interp passes."""
+        s = self.vae.temporal_factor
+        step = s * (self.interp.cfg.interp.rate ** passes if passes else 1)
+        k_min = max(self.interp_keyframes, 2) if passes else 1
+        kb = max(k_min, -(-(max(n, 1) - 1) // step) + 1)
+        kb += -kb % self.base_cfg.dit.patch_t
+        return 1 + step * (kb - 1)
+
+    def plan(self, conditions: Conditions, passes: int, size: tuple, frames: int | None = None):
+        """The call's conditions resolved against this cascade (`conditions.plan`): frame counts,
+        the given frames at the output size (size: the base latent (h, w))."""
+        from cascade.conditions import plan
+        s = self.vae.temporal_factor
+        step = s * (self.interp.cfg.interp.rate ** passes if passes else 1)
+        f = self.vae.spatial_factor * (self.sr.cfg.sr.scale if self.sr is not None else 1)
+        context = min(self.base_cfg.cond.k_max, self.base_cfg.dit.frames - 1) \
+            if self.base.frame_prompts else 1
+        default = 1 + step * (self.base_cfg.dit.frames - 1)
+        out = plan(conditions, lambda n: self.reachable(n, passes), step, context, default,
+                   (size[0] * f, size[1] * f), frames)
+        if (out.given or out.loop or out.source is not None) and not self.base.frame_prompts \
+                and out.source is None:
+            raise ValueError(f"{conditions.task}: the base stage in {self.folder} was not trained "
+                             f"for frame prompts (dit.cond_frames=false); use one that was")
+        return out
+
+    @torch.no_grad()
+    def _given(self, plan, passes: int, kb: int) -> dict:
+        """The plan's given frames for each stage: {"keys": (latents (1, Cz, Kb, h, w), mask
+        (1, Kb)) for the base, "interp": [(latents, mask) per pass at its output frames],
+        "lowres": (frames (1, 3, F, h', w'), mask (1, F)) the VAE output keeps, "final": the same
+        at the output size for sr, "source": the edit's source keyframes (1, Cz, Kb, h, w)}.
+        Each given image is brought to the low resolution as SR's training does and encoded on
+        its own (Open-Sora 2.0: no leakage between frames); an output frame f is latent frame
+        f / s, then base keyframe j / r^passes when that divides, else a known frame of the interp
+        pass whose output first holds it."""
+        from cascade.stages import downsample_video
+        s, F = self.vae.temporal_factor, plan.length
+        r = self.interp.cfg.interp.rate if passes else 1
+        low = (lambda v: downsample_video(v, self.sr.cfg.sr.scale, self.sr.cfg.sr.downsample)) \
+            if self.sr is not None else (lambda v: v)
+        out = {}
+        if plan.source is not None:
+            lat = self.vae_stage.encode(low(plan.source[None].to(self.device)))  # (1, Cz, T', h, w)
+            out["source"] = lat[:, :, ::r ** passes]
+        if not plan.given:
+            return out
+        frames = torch.stack([plan.given[f] for f in sorted(plan.given)], 1)[None].to(self.device)
+        lowres = low(frames)                                              # (1, 3, n, h', w')
+        lat = torch.cat([self.vae_stage.encode(lowres[:, :, i:i + 1]) for i in range(lowres.shape[2])], 2)
+        Cz, (h, w) = lat.shape[1], lat.shape[3:]
+        keys = (lat.new_zeros(1, Cz, kb, h, w), lat.new_zeros(1, kb))
+        n_out = [(kb - 1) * r ** (i + 1) + 1 for i in range(passes)]      # each pass's frames
+        interp = [(lat.new_zeros(1, Cz, n, h, w), lat.new_zeros(1, n)) for n in n_out]
+        full = (frames.new_zeros(1, 3, F, *frames.shape[3:]), frames.new_zeros(1, F))
+        small = (lowres.new_zeros(1, 3, F, *lowres.shape[3:]), lowres.new_zeros(1, F))
+        for i, f in enumerate(sorted(plan.given)):
+            if f % s:
+                raise ValueError(f"frames: frame {f} cannot be given: the VAE codes {s} frames in "
+                                 f"one latent frame (give frames at multiples of {s})")
+            j = f // s
+            for buf, val in ((full, frames[:, :, i]), (small, lowres[:, :, i])):
+                buf[0][:, :, f], buf[1][:, f] = val, 1
+            level = next((p for p in range(passes + 1) if j % r ** (passes - p) == 0))
+            if level == 0:                                                # a base keyframe
+                keys[0][:, :, j // r ** passes], keys[1][:, j // r ** passes] = lat[:, :, i], 1
+            else:                                                         # known to interp pass `level`
+                k = j // r ** (passes - level)
+                interp[level - 1][0][:, :, k], interp[level - 1][1][:, k] = lat[:, :, i], 1
+        out.update(keys=keys if keys[1].any() else None, interp=interp, lowres=small, final=full)
+        return out
 
     def _check_call(self, num_videos, batch_size, frames, interp_passes) -> int:
         """The call's counts checked (one-line ValueErrors naming them) -> the interp passes."""
@@ -344,10 +430,14 @@ class Pipeline:
         return passes
 
     def _run(self, videos: list[tuple], seed: int, kb: int, size: tuple[int, int], passes: int,
-             sampling: dict, step, bar, progress: bool) -> dict:
+             sampling: dict, step, bar, progress: bool, plan=None, given=None) -> dict:
         """The cascade on one batch of videos [(prompt, index)] -> {stage output name: tensor}
-        (see Result.stages); step(name) meters a stage, bar counts them."""
+        (see Result.stages); step(name) meters a stage, bar counts them. plan, given: the frame
+        prompt (`plan`, `_given`), the same for every video."""
         prompts = [p for p, _ in videos]
+        B, given = len(prompts), given or {}
+        rows = lambda pair: None if pair is None else tuple(  # noqa: E731  (batch 1 -> B)
+            t.expand(B, *t.shape[1:]) for t in pair)
 
         def streams(purpose: str) -> RowGenerators:                 # one stream per video and purpose
             return RowGenerators.keyed([(seed, p, k, purpose) for p, k in videos])
@@ -355,19 +445,38 @@ class Pipeline:
         out: dict[str, torch.Tensor] = {}
         with step("base"):                                           # text encoded once per prompt
             conds = self.encode(prompts)
-            shape = (len(prompts), self.base_cfg.dit.in_channels, kb, *size)
+            shape = (B, self.base_cfg.dit.in_channels, kb, *size)
+            keys = rows(given.get("keys"))
+            if plan is not None and plan.loop:                       # the last keyframe is the first
+                if keys is None:                                     # from a text-only first pass
+                    first = self.base.sample(shape, *conds[self.base.text_key], sampling["base"],
+                                             streams("loop first keyframe"), progress)
+                    keys = (torch.zeros(shape, device=first.device), first.new_zeros(B, kb))
+                    keys[0][:, :, 0], keys[1][:, 0] = first[:, :, 0], 1
+                keys = (keys[0].clone(), keys[1].clone())
+                keys[0][:, :, -1], keys[1][:, -1] = keys[0][:, :, 0], 1
+            start = None
+            if "source" in given:
+                start = (rows((given["source"],))[0], plan.strength)
             latents = self.base.sample(shape, *conds[self.base.text_key], sampling["base"],
-                                       streams("base"), progress)    # (B, Cz, Kb, h, w)
+                                       streams("base"), progress, keys, start,
+                                       plan.backward if plan is not None else False)
         bar.update()
         out["keyframes_latent"] = latents
         for i in range(passes):
             with step("interp"):
+                known = rows(given["interp"][i]) if "interp" in given else None
+                known = known if known is not None and known[1].any() else None
                 latents = self.interp.sample(latents, *conds[self.interp.text_key], sampling["interp"],
-                                             streams(f"interp pass {i}"), progress)
+                                             streams(f"interp pass {i}"), progress, known)
             bar.update()
         with step("vae"):
             video = self.vae_stage.decode(latents)                   # (B, 3, T, H, W)
             out["keyframes"] = self.vae_stage.decode(out["keyframes_latent"]) if passes else video
+            if "lowres" in given:                                    # the given frames themselves
+                frames, m = rows(given["lowres"])
+                m = m.to(video)[:, None, :, None, None]
+                video = m * frames.to(video) + (1 - m) * video
         bar.update()
         if passes:
             out["interp_latent"], out["interp"] = latents, video
@@ -375,10 +484,27 @@ class Pipeline:
         if self.sr is not None:
             with step("sr"):
                 video = self.sr.sample(video, *conds[self.sr.text_key], sampling["sr"], streams("sr"),
-                                       progress)                     # (B, 3, T, sH, sW)
+                                       progress, rows(given.get("final")))  # (B, 3, T, sH, sW)
             bar.update()
-        out["final"] = video
+        out["final"] = self.assemble(video, plan) if plan is not None else video
         return out
+
+    @staticmethod
+    def assemble(video: torch.Tensor, plan) -> torch.Tensor:
+        """The cascade's frames (B, 3, F, H, W) -> the video written: cut to the frames asked for
+        (extend: from the end when backward), the loop's repeated last frame dropped, the input's
+        prefix / suffix frames put around it."""
+        B = video.shape[0]
+        if plan.cut is not None:
+            video = video[:, :, -plan.cut:] if plan.backward else video[:, :, :plan.cut]
+        if plan.loop:
+            video = video[:, :, :-1]
+        parts = [video]
+        if plan.prefix is not None and plan.prefix.shape[1]:
+            parts.insert(0, plan.prefix[None].to(video).expand(B, -1, -1, -1, -1))
+        if plan.suffix is not None and plan.suffix.shape[1]:
+            parts.append(plan.suffix[None].to(video).expand(B, -1, -1, -1, -1))
+        return torch.cat(parts, 2)
 
 
 def format_table(result: Result) -> str:

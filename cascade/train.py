@@ -600,6 +600,30 @@ def export_run(cfg: StageConfig, stage, ema: EMA, export_dir: Path) -> None:
     print(f"exported EMA weights to {export_dir}" + "".join(f"; {k} {v:.4g}" for k, v in metrics.items()))
 
 
+def export_checkpoint(run: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """The EMA weights of a run's checkpoint (the newest intact one, or `step`) exported to `out`
+    as `cascade train` exports at its end (config.yaml, model.safetensors, SHA256SUMS; a VAE
+    finalized with its latent scale and held-out metrics), so a long run's progress can be
+    sampled, evaluated or kept while it trains. One-line errors for a missing run or step."""
+    from cascade.config import load_config
+    from cascade.stages import build_stage, read_safetensors
+    ckpts = Path(run) / "checkpoints"
+    tags = checkpoint_tags(ckpts) if ckpts.is_dir() else []
+    if not tags:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpts}")
+    tag = tags[0] if step is None else f"step{step}"
+    if tag not in tags:
+        raise FileNotFoundError(f"{ckpts} has no complete checkpoint {tag} (it has {', '.join(tags)})")
+    cfg = load_config(ckpts / tag / "config.yaml")
+    state = read_safetensors(ckpts / tag / "ema.safetensors")
+    metrics = {}
+    if cfg.stage == "vae":
+        state, metrics = build_stage(cfg).finalize(state)
+    folder = export(cfg, state, Path(out), metrics)
+    print(f"exported the EMA weights of {ckpts / tag} to {folder}")
+    return folder
+
+
 def load_data(cfg: StageConfig, rank: int):
     """The stage's training data set, checked before any model is built (a cache against this
     stage's encoders, a VAE folder's held-out split), with its skipped rows and bucket histogram

@@ -114,6 +114,31 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     return np.stack(frames), float(rate) if rate else 0.0                  # (T, H, W, 3)
 
 
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file of any mode PIL reads (PNG, JPEG, palette, greyscale, RGBA: alpha dropped)
+    -> float (3, H, W) in [-1, 1]. FileNotFoundError for a missing file, VideoError (one line)
+    for one that is not an image."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))                            # (H, W, 3) uint8
+    except Exception as e:
+        raise VideoError(f"cannot read image {path}: {_first_line(e)}") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def read_video_tensor(path: str | Path, fps: float | None = None) -> torch.Tensor:
+    """A video file -> float (3, T, H, W) in [-1, 1], resampled in time to `fps` (nearest frame)
+    when given and the file says its own rate."""
+    frames, rate = read_video(path)                                         # (T, H, W, 3)
+    if fps and rate and abs(rate - fps) > 1e-3:
+        n = max(1, int(round(len(frames) * fps / rate)))
+        frames = frames[np.minimum(np.round(np.arange(n) * rate / fps).astype(int), len(frames) - 1)]
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
 def _as_video_list(videos) -> list[np.ndarray]:
     if isinstance(videos, (list, tuple)):
         return [to_uint8(v) for v in videos]

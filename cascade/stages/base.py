@@ -116,7 +116,7 @@ class BaseStage(DiffusionStage):
     # ------------------------------------------------------------------------- sampling
 
     def sample(self, shape: tuple, cond: dict, uncond: dict, sampling, generator, progress: bool,
-               given: tuple | None = None):
+               given: tuple | None = None, start: tuple | None = None, backward: bool = False):
         """Latent keyframes (B, Cz, Kb, h, w) = shape from noise drawn from `generator` (each
         video's own stream, `seeding.RowGenerators`).
 
@@ -124,8 +124,13 @@ class BaseStage(DiffusionStage):
         (cascade/conditions.py), or None. A base trained with dit.cond_frames takes them noise-
         augmented to cond.aug_sample through its frame inputs (zeros and level 0 when nothing is
         given: its text-to-video branch), guided three-way when cond.image_guidance says so; the
-        given keyframes are put back in the result as they were given."""
+        sampler keeps the given keyframes on its path and lands on them exactly
+        (`diffusion.keep_known`). start: (source keyframes, strength) for SDEdit. More keyframes
+        than dit.frames: `sample_windows` (backward: its windows fill from the end)."""
         from cascade.diffusion import _randn
+        if shape[2] > self.cfg.dit.frames:
+            return self.sample_windows(shape, cond, uncond, sampling, generator, progress, given,
+                                       start, backward)
         like = next(self.net.parameters())                                 # float32, the net's device
         noise = _randn(shape, like.new_empty(()), generator)
         null = None
@@ -133,14 +138,49 @@ class BaseStage(DiffusionStage):
             raise ValueError(f"this base stage was not trained for frame prompts (dit.cond_frames="
                              f"false): it cannot be given frames (fine-tune it with "
                              f"dit.cond_frames=true, README)")
+        known = None
         if self.frame_prompts:
             frames, null = self.frame_inputs(given, noise, generator)
             cond, uncond = {**cond, **frames}, {**uncond, **frames}
-        out = self.denoise(noise, cond, uncond, sampling, generator, progress, null)
-        if given is not None:                      # the given keyframes, exactly
-            keep = given[1].to(out.dtype)[:, None, :, None, None]          # (B, 1, Kb, 1, 1)
-            out = keep * given[0].to(out) + (1 - keep) * out
-        return out                                                         # (B, Cz, Kb, h, w)
+        if given is not None:                      # kept along the sampler's path, exact at t = 0
+            known = (given[0], given[1].to(noise.dtype)[:, None, :, None, None])
+        return self.denoise(noise, cond, uncond, sampling, generator, progress, null, known,
+                            start)                                         # (B, Cz, Kb, h, w)
+
+    def sample_windows(self, shape: tuple, cond: dict, uncond: dict, sampling, generator,
+                       progress: bool, given: tuple | None = None, start: tuple | None = None,
+                       backward: bool = False) -> torch.Tensor:
+        """Keyframes beyond the base's dit.frames (W), window by window (Video LDM's long videos:
+        a keyframe model that is also a prediction model). Each window of W keyframes holds up to
+        cond.k_max (C) keyframes already made or given, before its first unknown one (backward:
+        after its last), as its frame prompt; they stay in latent space (no decode and re-encode)
+        and are kept exactly. Windows are sampled one after the other, each drawing its noise
+        from the videos' streams, so the cost grows linearly with the keyframes. The given mask
+        must be the same for every video (a call's conditions are). -> (B, Cz, Kb, h, w)."""
+        if not self.frame_prompts:
+            raise ValueError(f"frames: {shape[2]} keyframes are more than this base's "
+                             f"{self.cfg.dit.frames}, and it was not trained for frame prompts "
+                             f"(dit.cond_frames), which long videos take their context from")
+        B, Cz, Kb, h, w = shape
+        W, C = self.cfg.dit.frames, min(self.cfg.cond.k_max, self.cfg.dit.frames - 1)
+        dev = next(self.net.parameters()).device
+        latents = torch.zeros(shape, device=dev) if given is None else given[0].to(dev).clone().float()
+        known = torch.zeros(Kb, dtype=torch.bool) if given is None else given[1][0].bool().clone()
+        while not known.all():
+            unknown = (~known).nonzero().flatten()
+            if backward:
+                end = min(Kb, int(unknown[-1]) + 1 + C)
+                a = max(0, end - W)
+            else:
+                a = min(max(0, int(unknown[0]) - C), Kb - W)
+            win = slice(a, a + W)
+            mask = known[win].float().expand(B, W)
+            g = (latents[:, :, win], mask) if known[win].any() else None
+            st = (start[0][:, :, win], start[1]) if start is not None else None
+            latents[:, :, win] = self.sample((B, Cz, W, h, w), cond, uncond, sampling, generator,
+                                             progress, g, st).float()
+            known[win] = True
+        return latents
 
     def frame_inputs(self, given, like: torch.Tensor, generator) -> tuple[dict, dict]:
         """The network's frame inputs for `given` (None: nothing given) and those of "nothing

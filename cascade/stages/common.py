@@ -152,11 +152,12 @@ class DiffusionStage:
         return self.text(prompts), self.text.null(len(prompts))
 
     def denoise(self, noise, cond: dict, uncond: dict, sampling, generator, progress: bool,
-                null_image: dict | None = None):
+                null_image: dict | None = None, known=None, start=None):
         """The network's sample from `noise` at t = 1, through the shared diffusion core, sampled
         as `sampling` says and, where it says None, as the stage's config.diffusion does.
         null_image: the frame inputs of "nothing given", for three-way guidance at the sampling's
-        image_guidance (the stage's cond.image_guidance where it says None)."""
+        image_guidance (the stage's cond.image_guidance where it says None); known, start: what
+        `Diffusion.sample` keeps as given and where SDEdit starts."""
         s = resolve_sampling(sampling, config=self.cfg.diffusion)
         image = s.image_guidance if s.image_guidance is not None else self.cfg.cond.image_guidance
         return self.diffusion.sample(self.net, noise, cond, uncond, steps=s.steps,
@@ -164,7 +165,7 @@ class DiffusionStage:
                                      guidance_interval=s.guidance_interval,
                                      progress=progress, generator=generator,
                                      image_guidance=image if null_image is not None else None,
-                                     null_image=null_image)
+                                     null_image=null_image, known=known, start=start)
 
     def loss(self, net, inputs):
         """The shared diffusion loss on prepared inputs (x0, t, noise and `cond_keys`)."""

@@ -128,7 +128,7 @@ class InterpStage(BaseStage):
     # ------------------------------------------------------------------------- sampling
 
     def sample(self, keys: torch.Tensor, cond: dict, uncond: dict, sampling, generator,
-               progress: bool) -> torch.Tensor:
+               progress: bool, known: tuple | None = None) -> torch.Tensor:
         """One interp pass: latent keyframes (B, C, n, h, w) -> (B, C, (n-1)*r + 1, h, w).
 
         The model fills K keyframes into N = (K-1)*r + 1 frames (n and K may differ): it fills
@@ -137,7 +137,12 @@ class InterpStage(BaseStage):
         that covers it, and every keyframe slot (every r-th frame) holds the keyframe itself.
         The keyframes are noise-augmented once to interp.aug_sample (a keyframe shared by two
         groups gets the same noise in both); the unconditional branch of classifier-free guidance
-        carries the same frames / frame_mask / aug_t with only the text nulled."""
+        carries the same frames / frame_mask / aug_t with only the text nulled.
+
+        known: (latents (B, C, (n-1)*r + 1, h, w), mask (B, (n-1)*r + 1)): frames between the
+        keyframes that a frame prompt gives (cascade/conditions.py). Each group's sampler keeps
+        them on its path (`keep_known`: the network sees them noised to each level, RePaint's
+        known region) and they are the output's frames there."""
         from cascade.diffusion import _randn
         K, r, level = self.keyframes, self.rate, self.cfg.interp.aug_sample
         B, C, n, h, w = keys.shape
@@ -151,8 +156,13 @@ class InterpStage(BaseStage):
         c = {**{k: v[per_group] for k, v in cond.items()}, **frames}
         u = {**{k: v[per_group] for k, v in uncond.items()}, **frames}   # only the text nulled
         noise = _randn((B * G, C, N, h, w), keys, generator)            # G rows from each video's stream
-        filled = self.from_target(self.denoise(noise, c, u, sampling, generator, progress),
-                                  group(keys)).view(B, G, C, N, h, w)
+        keep = None
+        if known is not None:                      # each group's slice of the given frames
+            lat, mask = known[0].to(keys), known[1].to(keys)[:, None, :, None, None]
+            span = lambda x: torch.stack([x[:, :, s * r:s * r + N] for s in starts], 1).flatten(0, 1)  # noqa: E731
+            keep = (self.to_target(span(lat), group(keys)), span(mask))
+        filled = self.from_target(self.denoise(noise, c, u, sampling, generator, progress,
+                                               known=keep), group(keys)).view(B, G, C, N, h, w)
         video = keys.new_zeros(B, C, (n - 1) * r + 1, h, w)
         covered = 0                                                      # frames [0, covered) written
         for g, s in enumerate(starts):
@@ -160,4 +170,7 @@ class InterpStage(BaseStage):
             video[:, :, covered:lo + N] = filled[:, g, :, covered - lo:]
             covered = lo + N
         video[:, :, ::r] = keys                                          # the keyframes themselves
+        if known is not None:                                            # the given frames themselves
+            m = known[1].to(video)[:, None, :, None, None]
+            video = m * known[0].to(video) + (1 - m) * video
         return video

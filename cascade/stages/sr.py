@@ -102,23 +102,35 @@ class SRStage(DiffusionStage):
     # ------------------------------------------------------------------------- sampling
 
     def sample(self, video: torch.Tensor, cond: dict, uncond: dict, sampling, generator,
-               progress: bool) -> torch.Tensor:
+               progress: bool, known: tuple | None = None) -> torch.Tensor:
         """Video (B, 3, T, H, W) -> (B, 3, T, sH, sW) in [-1, 1]: upsampled (`upsample`),
         noise-augmented to sr.aug_sample (aug_t given to the net; the unconditional branch nulls
         only the text), and sampled in overlapping temporal windows of sr.window frames
-        (sr.overlap shared, cross-faded by `windowed`), one noise video sliced per window."""
+        (sr.overlap shared, cross-faded by `windowed`), one noise video sliced per window.
+
+        known: (frames (B, 3, T, sH, sW), mask (B, T)): full-resolution frames a frame prompt
+        gives (cascade/conditions.py). The sampler keeps them on its path (`keep_known`, so the
+        frames beside them are made seeing them) and they are the output's frames there."""
         from cascade.diffusion import _randn
         from cascade.models.unet import windowed
         s = self.cfg.sr
         up = self.upsample(video)                                          # (B, 3, T, sH, sW)
         lowres, aug_t = self.diffusion.noise_augment(up, s.aug_sample, generator=generator)
         noise = _randn(up.shape, up, generator)                            # sliced per window
+        parts = [lowres, noise]
+        if known is not None:                      # the given frames' target, and their mask
+            mask = known[1].to(up)[:, None, :, None, None].expand(-1, 1, -1, *up.shape[3:])
+            parts += [self.to_target(known[0].to(up), up), mask]
 
-        def clip(x):                                                       # (B, 6, Tw, sH, sW)
-            low, z = x[:, :3].contiguous(), x[:, 3:].contiguous()
+        def clip(x):                                                       # (B, 6 (+4), Tw, sH, sW)
+            low, z = x[:, :3].contiguous(), x[:, 3:6].contiguous()
             extra = {"lowres": low, "aug_t": aug_t}
+            keep = (x[:, 6:9], x[:, 9:10]) if known is not None else None
             return self.denoise(z, {**cond, **extra}, {**uncond, **extra}, sampling, generator,
-                                progress)
+                                progress, known=keep)
 
-        out = windowed(clip, torch.cat([lowres, noise], 1), s.window, s.overlap)
-        return self.from_target(out, up).clamp(-1, 1)
+        out = self.from_target(windowed(clip, torch.cat(parts, 1), s.window, s.overlap), up).clamp(-1, 1)
+        if known is not None:
+            m = known[1].to(out)[:, None, :, None, None]
+            out = m * known[0].to(out) + (1 - m) * out
+        return out
