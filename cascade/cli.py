@@ -359,6 +359,8 @@ def cmd_eval(args) -> None:
     cc = load_cascade(args.cascade)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = default_prompts(args.num_prompts, args.seed)              # checks the count first
+    if args.task != "t2v":
+        return eval_task(args, cc, prompts, device)
     report = evaluate(find_stages(args, cc, {"vae", "base"}, train=False), prompts,
                       seed=args.seed, sampling=resolve_sampling(args, cc), batch_size=args.batch_size,
                       heldout=args.heldout, lpips=args.lpips, device=device,
@@ -366,6 +368,30 @@ def cmd_eval(args) -> None:
     print(markdown(report))
     for path in write_report(report, args.out):
         print(f"wrote {path}")
+
+
+def eval_task(args, cc, prompts, device) -> None:
+    """`cascade eval --task T`: cascade/evaluate_tasks.py's measures, a table, task.json and a
+    contact sheet of the first videos in --out."""
+    import json
+
+    from cascade.evaluate import _plain
+    from cascade.evaluate_tasks import evaluate_task
+    from cascade.video_io import contact_sheet
+    report = evaluate_task(find_stages(args, cc, {"vae", "base"}, train=False), args.task, prompts,
+                           args.seed, resolve_sampling(args, cc), device, args.frames,
+                           progress=not args.no_progress)
+    summary = report["summary"] if args.task == "edit" else {args.task: report["summary"]}
+    cols = sorted({k for row in summary.values() for k in row})
+    print("| " + " | ".join(["run", *cols]) + " |\n|" + "---|" * (len(cols) + 1))
+    for name, row in summary.items():
+        print("| " + " | ".join([name, *(f"{row.get(c, float('nan')):.3f}" for c in cols)]) + " |")
+    out = Path(args.out)
+    (out / "task.json").write_text(json.dumps(_plain({k: v for k, v in report.items() if k != "videos"}),
+                                              indent=1) + "\n")
+    print(f"wrote {out / 'task.json'}")
+    if report["videos"]:
+        print(f"wrote {contact_sheet(report['videos'], out / 'samples.png', captions=report['prompts'][:len(report['videos'])])}")
 
 
 def cmd_cache(args) -> None:
@@ -471,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "per-stage quality (0: skip it)")
     e.add_argument("--lpips", choices=("auto", "pretrained", "random", "off"), default="auto",
                    help="LPIPS trunk: auto = ImageNet VGG when in the torch hub cache, else random")
+    e.add_argument("--task", default="t2v", choices=("t2v", "i2v", "extend", "connect", "loop",
+                                                      "long", "edit"),
+                   help="what to measure: text to video (default), or a frame-prompted task "
+                        "(cascade/evaluate_tasks.py)")
+    e.add_argument("--frames", type=int, help="--task long: the videos' frame count")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
     c = sub.add_parser("cache", help="encode a stage's data set once (VAE latents + text) for "

@@ -230,3 +230,38 @@ def test_long_video_windows_join_without_a_seam():
                                                                       line[None, :, 9:11].expand(1, 4, 2, 2, 2)),
                                torch.tensor([[0.0] * 9 + [1.0, 1.0]])), backward=True)
     torch.testing.assert_close(back[0, :, :], line.expand(4, 11, 2, 2), atol=1e-4, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- cascade eval --task
+
+def test_task_measures_on_known_clips():
+    """seam ~1 on a rendered clip and large across a cut; drift 0 on a rendered clip; an edited
+    prompt differs in exactly the attribute asked for."""
+    import numpy as np
+    from cascade.data.synthetic import parse_caption
+    from cascade.evaluate_tasks import drift, edited_prompt, loop_seam, seam_ratio, truth
+    v = truth(PROMPT, 29, 32, 32, 4.0, 0, 0)
+    assert seam_ratio(v, [14]) < 1.3
+    cut = torch.cat([v[:, :14], v[:, 20:]], 1)                           # 6 frames missing at 14
+    assert seam_ratio(cut, [14]) > 3
+    assert drift(v) == 0.0
+    assert loop_seam(v) > 3                                              # the object jumps back
+    for what, key in (("colour", "colour"), ("shape", "shape"), ("background", "background"),
+                      ("direction", "motion")):
+        new = parse_caption(edited_prompt(PROMPT, what, np.random.default_rng(0)))
+        old = parse_caption(PROMPT)
+        assert [k for k in old if old[k] != new[k]] == [key]
+
+
+@pytest.mark.parametrize("task", ["i2v", "extend", "connect", "loop", "long", "edit"])
+def test_eval_task_runs_every_task(cascade_dir, task, tmp_path, capsys):
+    from cascade.cli import main
+    out = tmp_path / task
+    rc = main(["eval", "--stages", str(cascade_dir), "--task", task, "--num-prompts", "1",
+               "--steps", "1", "--out", str(out), "--no-progress"]
+              + (["--frames", "13"] if task == "long" else []))
+    said = capsys.readouterr()
+    assert rc == 0, said.err
+    assert (out / "task.json").is_file() and "| run |" in said.out
+    if task != "edit":
+        assert (out / "samples.png").is_file()

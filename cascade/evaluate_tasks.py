@@ -1,0 +1,215 @@
+"""`cascade eval --task`: how well the cascade does what it is prompted with besides text
+(cascade/conditions.py), on the embedded domain, where every attribute can be read back.
+
+For each prompt a ground-truth clip is rendered (`evaluate.truth_clip`) long enough for the task,
+the task's inputs are cut from it (the image of i2v, the clip extend continues, the two clips
+connect joins, the clip edit changes), the cascade runs, and the video written is measured:
+
+    given_psnr   the given frames in the video against the input frames (dB; inf: exact)
+    seam         the frame difference across each join (given -> made, window -> window, the
+                 loop's last -> first) over the mean difference of the video's other frames: 1 is
+                 a join no viewer can find, > 1.5 a jump (the target is <= 1.5)
+    one_object   exactly one object in every frame; colour / motion: the analyser's factors
+    kept         extend, long: the same colour and motion after the join as before it
+    drift        extend, long: the object's mean colour over the last 8 frames against the first
+                 8 (8-bit levels; the target is <= 10)
+    moves        i2v, loop: the object moves (not a still video) the way the prompt says
+    edit         per strength: the edited attribute reads as the new prompt's, the others as the
+                 source's, and the track's mean distance from the source's (fraction of the side)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from cascade.conditions import Conditions, fit
+from cascade.data.synthetic import (BACKGROUNDS, COLOURS, SHAPES, make_caption, parse_caption,
+                                    place, render)
+from cascade.evaluate import FACTORS, analyse
+
+TASKS = ("i2v", "extend", "connect", "loop", "long", "edit")
+EDIT_STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
+EDITS = ("colour", "shape", "background", "direction")
+
+
+def truth(prompt: str, frames: int, H: int, W: int, time_scale: float, seed: int, i: int) -> torch.Tensor:
+    """A rendered clip of `prompt` with `frames` frames at time_scale x the data rate (3, T, H, W)."""
+    rng = np.random.default_rng((seed, 17, i))
+    return render(place(parse_caption(prompt), rng, frames, H, W, time_scale), frames, H, W)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.float() - b.float()) / 2).square().mean().item()             # [-1, 1] -> [0, 1]
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def seam_ratio(video: torch.Tensor, joins: list[int]) -> float:
+    """video (3, T, H, W); joins: frames j whose difference from frame j - 1 is a join -> the
+    largest join difference over the mean of the other consecutive differences."""
+    d = (video[:, 1:] - video[:, :-1]).abs().flatten(2).mean((0, 2))        # (T-1,): d[j-1] = |f_j - f_{j-1}|
+    at = [j - 1 for j in joins if 1 <= j < video.shape[1]]
+    rest = torch.ones(len(d), dtype=torch.bool)
+    rest[at] = False
+    base = d[rest].mean().clamp_min(1e-6)
+    return float(max(d[a] for a in at) / base) if at else float("nan")
+
+
+def loop_seam(video: torch.Tensor) -> float:
+    """The last -> first difference over the mean consecutive difference of a looping video."""
+    wrapped = torch.cat([video, video[:, :1]], 1)
+    return seam_ratio(wrapped, [wrapped.shape[1] - 1])
+
+
+def object_colour(video: torch.Tensor, frames: slice) -> np.ndarray | None:
+    """The object's median colour (0..255) over some frames, or None without an object."""
+    a = analyse(video[:, frames])
+    return np.array(a["colour_rgb"]) if a["colour"] is not None else None
+
+
+def drift(video: torch.Tensor, n: int = 8) -> float:
+    """Object colour over the last n frames against the first n, in 8-bit levels (max channel)."""
+    a, b = object_colour(video, slice(0, n)), object_colour(video, slice(-n, None))
+    return float("nan") if a is None or b is None else float(np.abs(a - b).max())
+
+
+def edited_prompt(prompt: str, what: str, rng: np.random.Generator) -> str:
+    """The prompt with one attribute changed to another valid value."""
+    m = parse_caption(prompt)
+    if what == "colour":
+        m["colour"] = rng.choice([c for c in COLOURS if c != m["colour"] and c != m["background"]])
+    elif what == "shape":
+        m["shape"] = rng.choice([s for s in SHAPES if s != m["shape"]])
+    elif what == "background":
+        m["background"] = rng.choice([b for b in BACKGROUNDS if b != m["background"] and b != m["colour"]])
+    else:
+        flip = {"moving left": "moving right", "moving right": "moving left", "moving up": "moving down",
+                "moving down": "moving up", "standing still": "moving right"}
+        m["motion"] = flip[m["motion"]]
+    return make_caption(m["shape"], m["colour"], m["motion"], m["background"])
+
+
+def track(video: torch.Tensor) -> torch.Tensor | None:
+    """Per-frame object centroid (T, 2) as fractions of the side, from the analyser's coverage."""
+    from cascade.evaluate import MIN_CONTRAST
+    x = (video.float().clamp(-1, 1) + 1) * 127.5
+    _, T, H, W = x.shape
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], 2)
+    bg = border.flatten(1).median(1).values
+    obj = ((x - bg.view(3, 1, 1, 1)).norm(dim=0) > MIN_CONTRAST / 2).float()  # (T, H, W)
+    area = obj.flatten(1).sum(1)
+    if (area == 0).any():
+        return None
+    ys, xs = torch.arange(H) + 0.5, torch.arange(W) + 0.5
+    return torch.stack([(obj.sum(1) * xs).sum(1) / area / W, (obj.sum(2) * ys).sum(1) / area / H], 1)
+
+
+def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, length: int | None,
+             strength: float | None = None, edit: str | None = None) -> dict:
+    """One video of `task` for `prompt` -> its measures (see the module docstring)."""
+    H, W = (s * pipe.vae.spatial_factor * (pipe.sr.cfg.sr.scale if pipe.sr is not None else 1)
+            for s in pipe.latent_size_for(None, None))
+    passes = 1 if pipe.interp is not None else 0
+    rate = pipe.interp.cfg.interp.rate if passes else 1
+    clip_len = pipe.reachable(1 + rate * (pipe.base_cfg.dit.frames - 1), passes)
+    kw = dict(seed=seed, progress=False, **sampling)
+    out: dict = {"prompt": prompt}
+    if task == "i2v":
+        src = truth(prompt, clip_len, H, W, rate, seed, i)
+        v = pipe(prompt, conditions=Conditions.image_to_video(src[:, 0]), **kw).video[0]
+        out.update(given_psnr=psnr(v[:, 0], src[:, 0]), seam=seam_ratio(v, [1]))
+        joins, parts = [1], None
+    elif task == "extend":
+        src = truth(prompt, 2 * clip_len - 1, H, W, rate, seed, i)        # room for the continuation
+        n_in = clip_len
+        v = pipe(prompt, conditions=Conditions.extend(src[:, :n_in], clip_len - 1), **kw).video[0]
+        out.update(given_psnr=psnr(v[:, :n_in], src[:, :n_in]), seam=seam_ratio(v, [n_in]))
+        joins, parts = [n_in], (slice(0, n_in), slice(n_in, None))
+    elif task == "connect":
+        src = truth(prompt, 3 * clip_len - 2, H, W, rate, seed, i)
+        a, b = src[:, :clip_len], src[:, 2 * clip_len - 2:]
+        v = pipe(prompt, conditions=Conditions.connect(a, b), **kw).video[0]
+        j1, j2 = clip_len, v.shape[1] - b.shape[1] + 1
+        out.update(given_psnr=min(psnr(v[:, :clip_len], a), psnr(v[:, -b.shape[1]:], b)),
+                   seam=seam_ratio(v, [j1, j2]))
+        joins, parts = [j1, j2], None
+    elif task == "loop":
+        v = pipe(prompt, conditions=Conditions.loop(), **kw).video[0]
+        out.update(seam=loop_seam(v))
+        joins, parts = [], None
+    elif task == "long":
+        res = pipe(prompt, frames=length, **kw)
+        v = res.video[0]
+        step = pipe.vae.temporal_factor * rate ** passes
+        Wk, C = pipe.base_cfg.dit.frames, min(pipe.base_cfg.cond.k_max, pipe.base_cfg.dit.frames - 1)
+        joins = [step * k for k in range(Wk, (v.shape[1] - 1) // step + 1, Wk - C)]  # each new window
+        out.update(seam=seam_ratio(v, joins) if joins else float("nan"))
+        parts = (slice(0, joins[0]), slice(joins[0], None)) if joins else None
+    else:                                                                  # edit
+        src = truth(prompt, clip_len, H, W, rate, seed, i)
+        new = edited_prompt(prompt, edit, np.random.default_rng((seed, 23, i)))
+        v = pipe(new, conditions=Conditions.edit(src, strength), **kw).video[0]
+        want, got, orig = parse_caption(new), analyse(v, rate), parse_caption(prompt)
+        key = "motion" if edit == "direction" else edit
+        others = [f for f in FACTORS if f != key]
+        a, b = track(v), track(src)
+        out.update(edited=got[key] == want[key], others_kept=all(got[f] == orig[f] for f in others),
+                   track_distance=float((a - b).norm(dim=1).mean()) if a is not None and b is not None
+                   else float("nan"), new_prompt=new)
+        return out
+    a = analyse(v, rate)
+    want = parse_caption(prompt)
+    out.update(one_object=a["one_object"], colour=a["colour"] == want["colour"],
+               motion=a["motion"] == want["motion"], frames=v.shape[1])
+    if task in ("i2v", "loop"):
+        out["moves"] = a["motion"] == want["motion"] and a["motion"] != "standing still"
+    if parts is not None and task in ("extend", "long"):
+        before, after = analyse(v[:, parts[0]], rate), analyse(v[:, parts[1]], rate)
+        out["kept"] = before["colour"] == after["colour"] and before["motion"] == after["motion"]
+        out["drift"] = drift(v)
+    out["video"] = v
+    return out
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean of every numeric or boolean measure over the rows (nan-aware; inf PSNR kept as inf)."""
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (bool, int, float)) and k != "frames"]
+    out = {}
+    for k in keys:
+        vals = [float(r[k]) for r in rows if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
+        out[k] = sum(vals) / len(vals) if vals else float("nan")
+    if "seam" in keys:
+        seams = [r["seam"] for r in rows if not math.isnan(r["seam"])]
+        out["seam_ok"] = sum(s <= 1.5 for s in seams) / len(seams) if seams else float("nan")
+    if "drift" in keys:
+        drifts = [r["drift"] for r in rows if not math.isnan(r["drift"])]
+        out["drift_ok"] = sum(d <= 10 for d in drifts) / len(drifts) if drifts else float("nan")
+    return out
+
+
+def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling: dict | None = None,
+                  device="cpu", length: int | None = None, progress: bool = True) -> dict:
+    """Every prompt through `task` on the cascade in `folder` -> {"rows": per video, "summary":
+    means, "videos": the first 8 videos (for a contact sheet)}; edit: one summary per attribute
+    and strength (the curve over S)."""
+    from tqdm.auto import tqdm
+
+    from cascade.pipeline import Pipeline
+    if task not in TASKS:
+        raise ValueError(f"--task: '{task}' is not one of t2v, {', '.join(TASKS)}")
+    pipe = Pipeline(folder, device)
+    kw = {k: v for k, v in (sampling or {}).items() if v is not None}
+    jobs = [(p, i, s, e) for e in (EDITS if task == "edit" else [None])
+            for s in (EDIT_STRENGTHS if task == "edit" else [None]) for i, p in enumerate(prompts)]
+    rows = []
+    for p, i, s, e in tqdm(jobs, desc=f"eval {task}", disable=not progress):
+        rows.append({**run_task(pipe, task, p, i, seed, kw, length, s, e), "strength": s, "edit": e})
+    videos = [r.pop("video") for r in rows if "video" in r][:8]
+    if task == "edit":
+        summary = {f"{e} S={s}": summarise([r for r in rows if r["edit"] == e and r["strength"] == s])
+                   for e in EDITS for s in EDIT_STRENGTHS}
+    else:
+        summary = summarise(rows)
+    return {"task": task, "seed": seed, "rows": rows, "summary": summary, "videos": videos,
+            "prompts": [r["prompt"] for r in rows][:8]}
