@@ -233,46 +233,57 @@ def writable_folder(path: str | Path, flag: str = "--out") -> Path:
     return out
 
 
-def conditions_from_args(args, fps: float):
-    """The frame prompt the sample flags ask for (cascade/conditions.py), or None for text only;
-    videos resampled to the output's `fps`. One-line errors for flags that do not go together."""
-    from cascade.conditions import Conditions
+def read_frame_prompt(args):
+    """The sample flags' frame prompt, read and checked before any model loads: the images and
+    videos (with their frame rates) and the task; `conditions_from_args` finishes it once the
+    output's frame rate is known. One-line errors for unreadable files and flags that do not go
+    together. -> a dict of what was read, or None for text only."""
     from cascade.video_io import read_image, read_video_tensor
-    image = read_image(args.image) if args.image else None
-    last = read_image(args.last_image) if args.last_image else None
-    video = read_video_tensor(args.video, fps) if args.video else None
     uses = [name for name, on in (("--extend", args.extend is not None), ("--connect", args.connect),
                                   ("--strength", args.strength is not None), ("--loop", args.loop))
             if on]
     if len(uses) > 1:
         raise ValueError(f"{' and '.join(uses)}: choose one task")
-    if (args.extend is not None or args.connect or args.strength is not None) and video is None:
-        raise ValueError(f"{uses[0]}: needs --video (the clip to {uses[0][2:]})")
     if args.backward and args.extend is None:
         raise ValueError("--backward: goes with --video ... --extend N")
-    if video is not None and not uses:
+    if (args.extend is not None or args.connect or args.strength is not None) and not args.video:
+        raise ValueError(f"{uses[0]}: needs --video (the clip to {uses[0][2:]})")
+    if args.video and not uses:
         raise ValueError("--video: say what to do with it: --extend N, --connect B.mp4 or --strength S")
-    if (image is not None or last is not None) and uses and uses != ["--loop"]:
+    if (args.image or args.last_image) and uses and uses != ["--loop"]:
         raise ValueError(f"--image / --last-image: not with {uses[0]}")
+    if args.loop and args.last_image:
+        raise ValueError("--last-image: not with --loop (a loop ends on its first frame)")
+    got = {"image": read_image(args.image) if args.image else None,
+           "last": read_image(args.last_image) if args.last_image else None,
+           "video": read_video_tensor(args.video) if args.video else None,
+           "b": read_video_tensor(args.connect) if args.connect else None}
+    if got["b"] is not None and got["b"][0].shape[2:] != got["video"][0].shape[2:]:
+        (b, _), (a, _) = got["b"], got["video"]
+        raise ValueError(f"--connect: {args.connect} is {b.shape[3]}x{b.shape[2]}, the --video "
+                         f"{a.shape[3]}x{a.shape[2]}: connect clips of one size")
+    return got if any(v is not None for v in got.values()) or args.loop else None
+
+
+def conditions_from_args(args, got, fps: float):
+    """`read_frame_prompt`'s inputs -> the Conditions (cascade/conditions.py), videos resampled
+    to the output's `fps`; None for text only."""
+    from cascade.conditions import Conditions
+    from cascade.video_io import resample_fps
+    if got is None:
+        return None
+    video = resample_fps(*got["video"], fps) if got["video"] is not None else None
     if args.extend is not None:
         return Conditions.extend(video, args.extend, args.backward)
     if args.connect:
-        b = read_video_tensor(args.connect, fps)
-        if b.shape[2:] != video.shape[2:]:
-            raise ValueError(f"--connect: {args.connect} is {b.shape[3]}x{b.shape[2]}, the --video "
-                             f"{video.shape[3]}x{video.shape[2]}: connect clips of one size")
-        return Conditions.connect(video, b)
+        return Conditions.connect(video, resample_fps(*got["b"], fps))
     if args.strength is not None:
         return Conditions.edit(video, args.strength)
     if args.loop:
-        if last is not None:
-            raise ValueError("--last-image: not with --loop (a loop ends on its first frame)")
-        return Conditions.loop(image)
-    if image is not None or last is not None:
-        if image is None:
-            return Conditions("i2v", {-1: last})
-        return Conditions.image_to_video(image, last)
-    return None
+        return Conditions.loop(got["image"])
+    if got["image"] is None:
+        return Conditions("i2v", {-1: got["last"]})
+    return Conditions.image_to_video(got["image"], got["last"])
 
 
 def cmd_sample(args) -> None:
@@ -285,6 +296,7 @@ def cmd_sample(args) -> None:
     check_sampling_args(args)
     prompts = read_prompts(args)
     out = writable_folder(args.out)
+    frame_prompt = read_frame_prompt(args)
     extender = None
     if args.extend_prompt or args.extend_model:        # DALL-E 3 / Make-A-Video prompt extension
         from cascade.prompt_extend import PromptExtender
@@ -302,8 +314,8 @@ def cmd_sample(args) -> None:
                     use_sr=False if args.no_sr else None)
     per_stage = resolve_sampling(args, cc)
     passes = args.interp_passes if args.interp_passes is not None else (1 if pipe.interp else 0)
-    conditions = conditions_from_args(args, pipe.fps * (pipe.interp.cfg.interp.rate ** passes
-                                                        if passes else 1))
+    conditions = conditions_from_args(args, frame_prompt, pipe.fps * (
+        pipe.interp.cfg.interp.rate ** passes if passes else 1))
     if args.image_guidance is not None:
         per_stage["base"].image_guidance = args.image_guidance
     short = {}                                         # extended prompt -> the user's prompt

@@ -129,14 +129,21 @@ def read_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def read_video_tensor(path: str | Path, fps: float | None = None) -> torch.Tensor:
-    """A video file -> float (3, T, H, W) in [-1, 1], resampled in time to `fps` (nearest frame)
-    when given and the file says its own rate."""
+def read_video_tensor(path: str | Path) -> tuple[torch.Tensor, float]:
+    """A video file -> (float (3, T, H, W) in [-1, 1], its frame rate or 0 where it says none)."""
     frames, rate = read_video(path)                                         # (T, H, W, 3)
-    if fps and rate and abs(rate - fps) > 1e-3:
-        n = max(1, int(round(len(frames) * fps / rate)))
-        frames = frames[np.minimum(np.round(np.arange(n) * rate / fps).astype(int), len(frames) - 1)]
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1, rate
+
+
+def resample_fps(video: torch.Tensor, rate: float, fps: float) -> torch.Tensor:
+    """A video (3, T, H, W) at `rate` frames per second -> at `fps` (the nearest frame for each
+    new time); unchanged where either rate is unknown (0) or they agree."""
+    if not (rate and fps) or abs(rate - fps) < 1e-3:
+        return video
+    T = video.shape[1]
+    n = max(1, int(round(T * fps / rate)))
+    idx = np.minimum(np.round(np.arange(n) * rate / fps).astype(int), T - 1)
+    return video[:, torch.from_numpy(idx)]
 
 
 def _as_video_list(videos) -> list[np.ndarray]:

@@ -265,3 +265,41 @@ def test_eval_task_runs_every_task(cascade_dir, task, tmp_path, capsys):
     assert (out / "task.json").is_file() and "| run |" in said.out
     if task != "edit":
         assert (out / "samples.png").is_file()
+
+
+def test_cli_frame_prompts_and_their_one_line_errors(cascade_dir, stages, tmp_path, capsys):  # noqa: F811
+    from PIL import Image
+
+    from cascade.cli import main
+    from cascade.video_io import read_video, write_mp4
+    img = tmp_path / "first.png"
+    Image.fromarray((torch.rand(20, 30, 4) * 255).byte().numpy(), "RGBA").save(img)   # any size, mode
+    clip, small = tmp_path / "clip.mp4", tmp_path / "small.mp4"
+    write_mp4(image(1, (3, 9, 32, 32)), clip, fps=16)                    # resampled to 16 fps output
+    write_mp4(image(2, (3, 9, 16, 16)), small, fps=16)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    base = ["sample", PROMPT, "--stages", str(cascade_dir), "--out", str(out), "--steps", "1",
+            "--no-progress"]
+    assert main(base + ["--image", str(img), "--last-image", str(img)]) == 0
+    frames, fps = read_video(next(out.glob("000_*.mp4")))
+    assert frames.shape[0] == 7 and fps == pytest.approx(16)
+    assert main(base + ["--video", str(clip), "--extend", "4"]) == 0
+    capsys.readouterr()
+    bad = {"--image nope.png": "image not found",
+           f"--image {clip}": "cannot read image",
+           f"--video {clip} --strength 1.5": "--strength: must be in (0, 1]",
+           f"--video {clip} --connect {small}": "connect clips of one size",
+           f"--video {clip}": "say what to do with it",
+           f"--video {clip} --extend 3 --loop": "choose one task",
+           "--backward": "goes with --video",
+           f"--video {tmp_path / 'missing.mp4'} --extend 2": "video not found"}
+    for flags, msg in bad.items():
+        assert main(base + flags.split()) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], (flags, err)
+    plain = ["sample", PROMPT, "--stages", str(stages), "--out", str(out), "--steps", "1", "--no-progress"]
+    assert main(plain + ["--image", str(img)]) == 2
+    assert "not trained for frame prompts" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"                        # nothing lost
