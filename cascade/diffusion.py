@@ -347,6 +347,18 @@ class Diffusion:
             x = self.q_sample(source.to(noise), ts[0].expand(noise.shape[0]), noise)
         return SAMPLERS[sampler](denoise, x, ts, generator=generator, progress=progress)
 
+    @torch.no_grad()
+    def invert(self, net, x0, cond, uncond=None, steps=None, guidance=1.0, progress=False,
+               guidance_interval=None):
+        """Data -> noise by DDIM inversion (`invert_ddim`) over `time_grid(steps)` reversed, with
+        the guided denoiser (guidance 1: the conditional prediction alone, as Tune-A-Video
+        inverts), so that `sample(..., sampler="ddim")` from the result with the same steps gives
+        about x0 back."""
+        steps = self.cfg.steps if steps is None else steps
+        interval = self.cfg.guidance_interval if guidance_interval is None else guidance_interval
+        denoise = guided_denoiser(net, cond, uncond, guidance, self, interval)
+        return invert_ddim(denoise, x0, time_grid(steps, x0.device).flip(0), progress=progress)
+
 
 def keep_known(denoise, values: torch.Tensor, mask: torch.Tensor):
     """A denoiser whose x0 estimate is `values` where `mask` is set (values, mask broadcast to x):
@@ -544,6 +556,31 @@ def sample_heun(denoise, x, ts, generator=None, progress=False):
         d2 = (x_e - alpha[i + 1] * x0_e) / sigma[i + 1] - x0_e
         x = c[i + 1] * (y + du * (d1 + d2) / 2)
     return x
+
+
+@torch.no_grad()
+def invert_ddim(denoise, x, ts, generator=None, progress=False):
+    """Deterministic DDIM inversion (Song et al. 2021, eq. 13 run from data to noise; Tune-A-Video
+    and null-text inversion use it): the DDIM step with time running up, ts from 0 to 1, so that
+    `sample_ddim` over the reversed grid maps the result back to about x. Not exact by design: each
+    step reuses the prediction at its start (the sampler uses the one at its other end), an error
+    that shrinks with the step (tests/test_diffusion.py measures it).
+
+    For t = ts[i] -> s = ts[i+1] (t < s):
+        1. x0_hat = D(x_t, t), eps_hat = (x_t - alpha_t x0_hat) / sigma_t; at t = 0 the network
+           is asked at s instead (it never saw exact data, and eps is undefined there)
+        2. x_s = alpha_s x0' + sigma_s eps_hat, x0' = (x_t - sigma_t eps_hat) / alpha_t
+    Returns x at ts[-1] (noise when ts[-1] = 1)."""
+    alpha, sigma, _ = _levels(denoise, ts, x)
+    for i in _loop(ts, progress, "ddim inversion"):
+        j = i + 1 if sigma[i] < 1e-3 else i                                # data: ask at the next level
+        x0 = denoise(x, ts[j].expand(x.shape[0]))
+        eps = (x - alpha[j] * x0) / sigma[j]
+        x = alpha[i + 1] * (x - sigma[i] * eps) / alpha[i] + sigma[i + 1] * eps
+    return x
+
+
+INVERSIONS = {"ddim": invert_ddim}
 
 
 # by name; "euler" is DDIM: for the rectified flow (alpha = 1 - t', sigma = t') the DDIM step is
