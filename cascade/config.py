@@ -179,6 +179,18 @@ class DiffusionConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA fine-tuning of a DiT or U-Net stage (cascade/adapters.py, through PEFT)."""
+    rank: int = 0                   # 0: train every weight; > 0: only adapters of this rank
+    alpha: float = 0.0              # scaling = alpha / rank (0: alpha = rank, scaling 1)
+    dropout: float = 0.0            # on the adapters' input (not applied inside the fused kernels)
+    # module-name suffixes (PEFT target_modules): the DiT's self-attention qkv / proj (spatial and
+    # temporal), cross-attention q / kv / proj; the U-Net's attention projections have the same
+    # names; add "mlp.0", "mlp.2" for the DiT's MLPs
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "q", "kv"])
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 8             # micro batch per process
@@ -205,6 +217,7 @@ class TrainConfig:
     resume: bool = True             # resume from the latest checkpoint in out_dir if one exists
     vae_dir: str = ""               # latent stages: folder of the trained VAE export
     init_from: str = ""             # start from this stage export's weights (e.g. vae.decoder_only fine-tuning)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)   # rank > 0: train LoRA adapters on init_from
     compile: bool = False           # torch.compile the network (measured on CPU: 1.07x at DiT width 128, 26 s to compile)
     num_workers: int = 0
 
@@ -299,6 +312,7 @@ def validate(cfg: StageConfig) -> StageConfig:
     if cfg.stage == "base" and d.cond_frames:
         _validate_cond(cfg)
     _validate_diffusion(cfg.diffusion)
+    _validate_lora(cfg)
     if cfg.stage == "interp":
         _validate_interp(cfg)
     if cfg.stage == "sr":
@@ -323,6 +337,25 @@ def _validate_cond(cfg: StageConfig) -> None:
         raise ConfigError(f"cond.image_guidance: must be >= 0, got {c.image_guidance}")
     if cfg.train.pack_tokens:
         raise ConfigError("train.pack_tokens: packing does not take dit.cond_frames (frame prompts)")
+
+
+def _validate_lora(cfg: StageConfig) -> None:
+    lo = cfg.train.lora
+    if lo.rank < 0:
+        raise ConfigError(f"train.lora.rank: must be >= 0 (0: no adapters), got {lo.rank}")
+    if lo.rank == 0:
+        return
+    if cfg.stage == "vae":
+        raise ConfigError("train.lora.rank: adapters are for the diffusion stages (base, interp, "
+                          "sr), not the vae")
+    if not cfg.train.init_from:
+        raise ConfigError("train.lora.rank: LoRA adapts a trained stage: set train.init_from to "
+                          "its export folder")
+    if not lo.targets:
+        raise ConfigError("train.lora.targets: needs at least one module name")
+    if lo.alpha < 0 or not 0 <= lo.dropout < 1:
+        raise ConfigError(f"train.lora: alpha must be >= 0 and dropout in [0, 1), got "
+                          f"{lo.alpha}, {lo.dropout}")
 
 
 def _validate_diffusion(d: DiffusionConfig) -> None:

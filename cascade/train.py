@@ -592,8 +592,14 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
 
 def export_run(cfg: StageConfig, stage, ema: EMA, export_dir: Path) -> None:
     """The EMA weights, finalized by the stage where it has a finalize step (the VAE's latent
-    scale and held-out PSNR), exported with their metrics."""
+    scale and held-out PSNR), exported with their metrics; a LoRA run exports its adapters
+    (cascade/adapters.py)."""
     state, metrics = ema.state(), {}
+    if cfg.train.lora.rank:
+        from cascade.adapters import export_adapter
+        export_adapter(cfg, state, export_dir, cfg.train.init_from)
+        print(f"exported the EMA LoRA adapters (rank {cfg.train.lora.rank}) to {export_dir}")
+        return
     if hasattr(stage, "finalize"):
         state, metrics = stage.finalize(state)
     export(cfg, state, export_dir, metrics)
@@ -617,6 +623,11 @@ def export_checkpoint(run: str | Path, out: str | Path, step: int | None = None)
     cfg = load_config(ckpts / tag / "config.yaml")
     state = read_safetensors(ckpts / tag / "ema.safetensors")
     metrics = {}
+    if cfg.train.lora.rank:
+        from cascade.adapters import export_adapter
+        folder = export_adapter(cfg, state, Path(out), cfg.train.init_from)
+        print(f"exported the EMA LoRA adapters of {ckpts / tag} to {folder}")
+        return folder
     if cfg.stage == "vae":
         state, metrics = build_stage(cfg).finalize(state)
     folder = export(cfg, state, Path(out), metrics)
@@ -653,6 +664,9 @@ def build_engine(cfg: StageConfig, stage, net: torch.nn.Module, device, world: i
         net.sequence_parallel(sp_group)                # the DiT runs on this rank's frames
     if t.init_from:
         init_weights(net, t.init_from, cfg.stage)
+    if t.lora.rank:                                # only the adapters train (cascade/adapters.py)
+        from cascade.adapters import add_lora
+        net = add_lora(net, t.lora)
     if t.compile:                              # in place: state_dict keys (EMA, export) unchanged
         net.compile()
     params = [p for p in net.parameters() if p.requires_grad]

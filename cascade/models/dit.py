@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from cascade.config import DiTConfig
 from cascade.parallel import gather_frames, ulysses_attention
 from kernels.attention import cross_attention, spacetime_attention
-from cascade.models.layers import gated, modulated_linear, sincos_1d, timestep_embedding
+from cascade.models.layers import (gated, modulated_linear, sincos_1d, timestep_embedding,
+                                   weight_and_bias)
 
 
 
@@ -197,7 +198,8 @@ class CrossAttention(nn.Module):
     def forward(self, x, text, mask):
         B, N, C = x.shape
         s = (C // self.heads) ** -0.5                                    # 1/sqrt(d) in q's weights:
-        q = F.linear(x, self.q.weight * s, self.q.bias * s).view(B, N, self.heads, C // self.heads)
+        w, b = weight_and_bias(self.q)                                   # (a LoRA layer: W + BA)
+        q = F.linear(x, w * s, b * s).view(B, N, self.heads, C // self.heads)
         k, v = self.kv(text).view(B, text.shape[1], 2, self.heads, C // self.heads).unbind(2)
         o = cross_attention(q, k, v, key_mask=mask, scale=1.0)           # no scaled copy of q
         return self.proj(o.reshape(B, N, C))

@@ -85,11 +85,27 @@ class GatedLinear(torch.autograd.Function):
         return grad, dg, do, dW, db
 
 
+def weight_and_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (weight, bias) a linear layer applies, for the fused ops that read them directly: a
+    plain nn.Linear's own, or, for a PEFT LoRA layer (cascade/adapters.py; Hu et al. 2021, eq. 3),
+    W + sum over its active adapters of scaling * B A (differentiable in A and B, so the adapters
+    train through the fused kernels). Dropout on the adapters' input is not applied here."""
+    base = getattr(linear, "base_layer", None)
+    if base is None:
+        return linear.weight, linear.bias
+    w = base.weight
+    if not getattr(linear, "merged", False) and not getattr(linear, "disable_adapters", False):
+        for name in linear.active_adapters:
+            if name in linear.lora_A:
+                w = w + linear.scaling[name] * (linear.lora_B[name].weight @ linear.lora_A[name].weight)
+    return w, base.bias
+
+
 def gated_linear(x, g, o, linear: nn.Linear):
     """x + g * linear(o) (GatedLinear) for x (B, ..., C), g (B, C), o (B, ..., C_in)."""
     B, C = x.shape[0], x.shape[-1]
     out = GatedLinear.apply(x.reshape(B, -1, C), g, o.reshape(B, -1, o.shape[-1]),
-                            linear.weight, linear.bias)
+                            *weight_and_bias(linear))
     return out.view(x.shape)
 
 
@@ -97,7 +113,7 @@ def modulated_linear(x, shift, scale, linear: nn.Linear, layout=None):
     """linear(LN(x) * (1 + scale) + shift) for x (B, N, C), shift and scale (B, C) (the fused
     kernel path); packed (layout given): x (1, total, C) with a shift and scale per token (total, C)."""
     if layout is None:
-        return layer_norm_modulate_linear(x, shift, scale, linear.weight, linear.bias)
+        return layer_norm_modulate_linear(x, shift, scale, *weight_and_bias(linear))
     return linear(F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift)
 
 
