@@ -3,6 +3,9 @@
     cascade train configs/tiny/vae.yaml train.steps=500      one stage, DeepSpeed
     cascade train-cascade configs/cascade/tiny.yaml           every stage of a cascade, in order
     cascade export runs/tiny/base --out exports/base_now     a checkpoint's EMA weights, exported
+    cascade merge-adapter adapters/x --stage weights/tiny/base --out merged/base   fold a LoRA in
+    cascade tune clip.mp4 "a red circle moving left on a blue background" --out adapters/clip
+    cascade edit clip.mp4 "a green circle moving left on a blue background" --adapter adapters/clip
     cascade sample "a red circle moving left on a blue background"
     cascade eval --stages runs/tiny --num-prompts 32 --out outputs/eval
     cascade cache configs/tiny/base.yaml --out caches/base     encode the data once (data.kind=cache)
@@ -133,6 +136,68 @@ def cmd_train(args) -> None:
 def cmd_export(args) -> None:
     from cascade.train import export_checkpoint
     export_checkpoint(args.run, args.out, args.step)
+
+
+def cmd_tune(args) -> None:
+    """`cascade tune VIDEO CAPTION --out DIR`: a one-shot LoRA adapter of the base (Tune-A-Video)."""
+    from cascade.pipeline import stage_folder
+    from cascade.tuning import tune
+    cc = load_cascade(args.cascade)
+    stages = find_stages(args, cc, {"vae", "base"}, train=False)
+    out = tune(args.video, args.caption, args.out, stage_folder(stages, "base"),
+               stage_folder(stages, "vae"), steps=args.steps, rank=args.rank, lr=args.lr,
+               seed=args.seed, progress=not args.no_progress)
+    print(f"wrote {out} (cascade edit {args.video} \"<edited prompt>\" --adapter {out})")
+
+
+def cmd_edit(args) -> None:
+    """`cascade edit VIDEO PROMPT`: the video edited with the prompt through the cascade (DDIM
+    inversion from its caption, or SDEdit), the edit and a contact sheet of input and edit."""
+    import torch
+
+    from cascade.adapters import parse_adapter_arg
+    from cascade.conditions import Conditions, fit
+    from cascade.pipeline import Pipeline, format_table
+    from cascade.tuning import tuned_caption
+    from cascade.video_io import contact_sheet, read_video_tensor, resample_fps, write_mp4
+    check_sampling_args(args)
+    prompt = read_prompts(argparse.Namespace(prompt=[args.prompt], prompt_file=None))[0]
+    out = writable_folder(args.out)
+    video, rate = read_video_tensor(args.video)
+    adapters = [parse_adapter_arg(a) for a in args.adapter or []]
+    caption = args.caption or next((c for c in (tuned_caption(a) for a, _ in adapters) if c), None)
+    conditions = Conditions.edit(video, args.strength, args.inversion, caption)   # checks first
+    cc = load_cascade(args.cascade)
+    stages = find_stages(args, cc, {"vae", "base", "interp", "sr"})
+    pipe = Pipeline(stages, "cuda" if torch.cuda.is_available() else "cpu", adapters=adapters)
+    passes = 1 if pipe.interp is not None else 0
+    fps = pipe.fps * (pipe.interp.cfg.interp.rate ** passes if passes else 1)
+    conditions.video = resample_fps(video, rate, fps)
+    per_stage = resolve_sampling(args, cc)
+    if args.inversion == "ddim" and per_stage["base"].sampler != "ddim":
+        per_stage["base"].sampler = "ddim"                 # the inverse of the inversion
+    res = pipe(prompt, seed=args.seed, **per_stage, frames=args.frames, conditions=conditions,
+               progress=not args.no_progress)
+    name = f"edit_{slug(prompt)}"
+    path = write_mp4(res.video[0], out / f"{name}.mp4", fps=res.fps)
+    src = fit(conditions.video[:, :res.video.shape[2]], *res.video.shape[3:])
+    sheet = contact_sheet([src, res.video[0]], out / f"{name}.png",
+                          captions=[f"input: {caption or args.video}", f"edit: {prompt}"])
+    print(f"wrote {path}\nwrote {sheet}")
+    print(format_table(res))
+
+
+def cmd_merge_adapter(args) -> None:
+    """`cascade merge-adapter ADAPTER --stage EXPORT --out DIR`: a stage export with the adapter
+    folded in (scale --scale), written as `cascade train` exports."""
+    from cascade.adapters import merge, parse_adapter_arg, read_adapter
+    from cascade.stages import load_export
+    from cascade.train import export
+    folder, scale = parse_adapter_arg(args.adapter)
+    cfg, state = load_export(args.stage)
+    _, config, tensors = read_adapter(folder, cfg, args.stage)
+    out = export(cfg, merge(state, config, tensors, args.scale * scale), Path(args.out))
+    print(f"wrote {out} ({args.stage} with {folder} at scale {args.scale * scale:g})")
 
 
 def cmd_train_cascade(args) -> None:
@@ -310,8 +375,10 @@ def cmd_sample(args) -> None:
     stages = find_stages(args, cc, wanted)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tic = time.perf_counter()
+    from cascade.adapters import parse_adapter_arg
     pipe = Pipeline(stages, device, use_interp=False if args.no_interp else None,
-                    use_sr=False if args.no_sr else None)
+                    use_sr=False if args.no_sr else None,
+                    adapters=[parse_adapter_arg(a) for a in args.adapter or []])
     per_stage = resolve_sampling(args, cc)
     passes = args.interp_passes if args.interp_passes is not None else (1 if pipe.interp else 0)
     conditions = conditions_from_args(args, frame_prompt, pipe.fps * (
@@ -443,6 +510,45 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the export folder to write")
     ex.add_argument("--step", type=int, help="the checkpoint's step (default: the newest intact one)")
     ex.set_defaults(fn=cmd_export)
+    tu = sub.add_parser("tune", help="one-shot tuning (Tune-A-Video): a LoRA adapter of the base "
+                                     "stage fitted to one captioned clip, for cascade edit")
+    tu.add_argument("video", help="the clip (any size and frame rate)")
+    tu.add_argument("caption", help="what the clip shows")
+    tu.add_argument("--out", required=True, help="the adapter folder to write")
+    tu.add_argument("--stages", help="folder of exported stages (default: the cascade's)")
+    tu.add_argument("--cascade", default=str(DEFAULT_CASCADE), help="cascade YAML")
+    tu.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    tu.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    tu.add_argument("--lr", type=float, default=1e-3)
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--no-progress", action="store_true")
+    tu.set_defaults(fn=cmd_tune)
+    ed = sub.add_parser("edit", help="edit a video with a prompt: DDIM inversion (with --adapter "
+                                     "from cascade tune) or SDEdit, through the whole cascade")
+    ed.add_argument("video", help="the clip to edit")
+    ed.add_argument("prompt", help="the edited prompt")
+    ed.add_argument("--caption", help="the clip's own caption, which inversion uses (default: "
+                                      "the one cascade tune recorded in --adapter)")
+    ed.add_argument("--adapter", action="append", metavar="DIR[:SCALE]", help="LoRA adapter(s)")
+    ed.add_argument("--inversion", choices=("ddim", "none"), default="ddim", help="ddim: invert "
+                    "the clip with its caption, sample back with the prompt; none: SDEdit")
+    ed.add_argument("--strength", type=float, default=1.0, help="the noise level the edit starts "
+                    "from, in (0, 1] (default 1 with ddim inversion; SDEdit: try 0.6)")
+    ed.add_argument("--stages", help="folder of exported stages (default: the cascade's)")
+    ed.add_argument("--cascade", default=str(DEFAULT_CASCADE), help="cascade YAML")
+    ed.add_argument("--out", default="outputs")
+    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--frames", type=int, help="frames to edit (default: one clip)")
+    add_sampling_flags(ed)
+    ed.add_argument("--no-progress", action="store_true")
+    ed.set_defaults(fn=cmd_edit)
+    ma = sub.add_parser("merge-adapter", help="fold a LoRA adapter into the stage export it was "
+                                              "trained on, writing a new export")
+    ma.add_argument("adapter", help="the adapter folder (DIR or DIR:SCALE)")
+    ma.add_argument("--stage", required=True, help="the stage export it adapts")
+    ma.add_argument("--out", required=True, help="the merged export folder to write")
+    ma.add_argument("--scale", type=float, default=1.0, help="the adapter's weight (default 1)")
+    ma.set_defaults(fn=cmd_merge_adapter)
     tc = sub.add_parser("train-cascade", help="train every stage of a cascade, in order")
     tc.add_argument("config", nargs="?", default=str(DEFAULT_CASCADE))
     tc.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")
@@ -481,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(from --image when given)")
     s.add_argument("--strength", type=float, help="edit --video (SDEdit): noise it to this level "
                    "in (0, 1] and denoise with the prompt; low keeps more of it")
+    s.add_argument("--adapter", action="append", metavar="DIR[:SCALE]", help="a LoRA adapter "
+                   "(cascade train ... train.lora.rank=R, cascade tune) folded into its stage at "
+                   "SCALE (default 1); repeat for several")
     s.add_argument("--image-guidance", type=float, help="image scale of the three-way guidance "
                    "when frames are given (default: the base config's cond.image_guidance)")
     s.add_argument("--no-interp", action="store_true", help="skip the interp stage")

@@ -68,7 +68,9 @@ class Conditions:
     video_b: torch.Tensor | None = None            # connect: b
     new_frames: int = 0                            # extend: frames made beyond the input
     backward: bool = False                         # extend: the new frames come before the input
-    strength: float | None = None                  # edit: the SDEdit noise level, in (0, 1]
+    strength: float | None = None                  # edit: the noise level it starts from, in (0, 1]
+    inversion: str = "none"                        # edit: none (SDEdit: noised with fresh noise) | ddim
+    caption: str | None = None                     # edit with ddim inversion: the input's own caption
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -97,11 +99,19 @@ class Conditions:
         return cls("loop", {0: image} if image is not None else {})
 
     @classmethod
-    def edit(cls, video: torch.Tensor, strength: float) -> "Conditions":
-        """SDEdit: the video noised to `strength` and denoised with the call's prompt."""
+    def edit(cls, video: torch.Tensor, strength: float, inversion: str = "none",
+             caption: str | None = None) -> "Conditions":
+        """Edit the video with the call's prompt from noise level `strength`: inversion none is
+        SDEdit (Meng et al. 2022: noised with fresh noise), ddim inverts its keyframes with their
+        `caption` to that level (Tune-A-Video; `Diffusion.invert`) and samples back with DDIM."""
         if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
             raise ValueError(f"--strength: must be in (0, 1], got {strength!r}")
-        return cls("edit", video=video, strength=float(strength))
+        if inversion not in ("none", "ddim"):
+            raise ValueError(f"--inversion: '{inversion}' is not one of none, ddim")
+        if inversion == "ddim" and not (caption and caption.strip()):
+            raise ValueError("--inversion ddim: needs the input video's own caption (--caption, or "
+                             "an adapter from cascade tune, which records it)")
+        return cls("edit", video=video, strength=float(strength), inversion=inversion, caption=caption)
 
 
 def fit(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -142,6 +152,8 @@ class Plan:
     loop: bool = False
     source: torch.Tensor | None = None             # (3, length, H, W)
     strength: float | None = None
+    inversion: str = "none"
+    caption: str | None = None
     cut: int | None = None                         # frames of `length` kept (extend: the rounding up cut off)
 
 
@@ -198,5 +210,6 @@ def plan(c: Conditions, reachable, step: int, context: int, default_length: int,
             raise ValueError(f"edit: the input video has {video.shape[1]} frames, fewer than the "
                              f"{total} the cascade makes: give --frames with at most "
                              f"{video.shape[1]} (it makes 1 + {step} x k frames)")
-        return Plan(total, source=video[:, :total], strength=c.strength)
+        return Plan(total, source=video[:, :total], strength=c.strength, inversion=c.inversion,
+                    caption=c.caption)
     return Plan(total, given)

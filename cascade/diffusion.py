@@ -97,6 +97,16 @@ def vp_levels(logsnr_fn):
     return levels
 
 
+def partial_grid(steps: int, strength: float, device=None) -> torch.Tensor:
+    """The times from `strength` down to 0 in round(steps * strength) equal steps (at least one):
+    where an edit starts (`Diffusion.sample`'s start) and inversion stops (`Diffusion.invert`)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength: must be in (0, 1], got {strength}")
+    if strength == 1:
+        return time_grid(steps, device)
+    return torch.linspace(strength, 0.0, max(1, round(steps * strength)) + 1, device=device)
+
+
 def time_grid(steps: int, device=None) -> torch.Tensor:
     """Default sampling grid: `steps` + 1 times uniform from 1 to 0, i.e. `steps` network calls."""
     if steps < 1:
@@ -319,7 +329,7 @@ class Diffusion:
     @torch.no_grad()
     def sample(self, net, noise, cond, uncond=None, steps=None, guidance=None, sampler=None,
                progress=False, generator=None, guidance_interval=None, image_guidance=None,
-               null_image=None, known=None, start=None):
+               null_image=None, known=None, start=None, start_noised=False):
         """Draw x0 from noise at t=1: the guided denoiser run by a sampler over `time_grid(steps)`.
         None falls back to the config's steps / guidance / sampler / guidance_interval;
         image_guidance with null_image: three-way guidance (`guided_denoiser`).
@@ -327,7 +337,8 @@ class Diffusion:
         known: (values, mask) broadcastable to x: entries the result must equal (`keep_known`).
         start: (x0_source, strength) for SDEdit (Meng et al. 2022): the source noised with `noise`
         to t = strength and denoised from there over the grid's last round(steps * strength)
-        steps, so a strength of 1 is sampling from pure noise and 0.3 keeps the source's layout."""
+        steps, so a strength of 1 is sampling from pure noise and 0.3 keeps the source's layout;
+        start_noised: the source is already at that level (`invert` to `strength`), used as is."""
         steps = self.cfg.steps if steps is None else steps
         guidance = self.cfg.guidance if guidance is None else guidance
         interval = self.cfg.guidance_interval if guidance_interval is None else guidance_interval
@@ -341,23 +352,23 @@ class Diffusion:
         ts, x = time_grid(steps, noise.device), noise
         if start is not None:
             source, strength = start
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength: must be in (0, 1], got {strength}")
-            ts = torch.linspace(strength, 0.0, max(1, round(steps * strength)) + 1, device=noise.device)
-            x = self.q_sample(source.to(noise), ts[0].expand(noise.shape[0]), noise)
+            ts = partial_grid(steps, strength, noise.device)
+            x = source.to(noise) if start_noised else \
+                self.q_sample(source.to(noise), ts[0].expand(noise.shape[0]), noise)
         return SAMPLERS[sampler](denoise, x, ts, generator=generator, progress=progress)
 
     @torch.no_grad()
     def invert(self, net, x0, cond, uncond=None, steps=None, guidance=1.0, progress=False,
-               guidance_interval=None):
-        """Data -> noise by DDIM inversion (`invert_ddim`) over `time_grid(steps)` reversed, with
-        the guided denoiser (guidance 1: the conditional prediction alone, as Tune-A-Video
-        inverts), so that `sample(..., sampler="ddim")` from the result with the same steps gives
-        about x0 back."""
+               guidance_interval=None, strength: float = 1.0):
+        """Data -> noise by DDIM inversion (`invert_ddim`) over `time_grid(steps)` reversed (to
+        t = strength over the same grid as `sample`'s start), with the guided denoiser (guidance
+        1: the conditional prediction alone, as Tune-A-Video inverts), so that `sample(...,
+        sampler="ddim")` from the result with the same steps gives about x0 back."""
         steps = self.cfg.steps if steps is None else steps
         interval = self.cfg.guidance_interval if guidance_interval is None else guidance_interval
         denoise = guided_denoiser(net, cond, uncond, guidance, self, interval)
-        return invert_ddim(denoise, x0, time_grid(steps, x0.device).flip(0), progress=progress)
+        return invert_ddim(denoise, x0, partial_grid(steps, strength, x0.device).flip(0),
+                           progress=progress)
 
 
 def keep_known(denoise, values: torch.Tensor, mask: torch.Tensor):

@@ -172,7 +172,8 @@ class Pipeline:
     (`pipe.encoders`), and each prompt is encoded once per call for all of them."""
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu",
-                 use_interp: bool | None = None, use_sr: bool | None = None):
+                 use_interp: bool | None = None, use_sr: bool | None = None,
+                 adapters: list | None = None):
         self.device = torch.device(device)
         self.folder = Path(folder)
         self.vae_stage = VAEStage.from_export(stage_folder(folder, "vae"), self.device)
@@ -187,11 +188,32 @@ class Pipeline:
                 setattr(self, name, cls.from_export(stage_folder(folder, name), self.device,
                                                     self.encoders))
         self.interp_keyframes = self.interp.keyframes if self.interp is not None else None  # K
+        for adapter in adapters or []:                               # (folder, scale) or a folder
+            self.add_adapter(*((adapter, 1.0) if isinstance(adapter, (str, Path)) else adapter))
         if self.interp is not None:
             icfg = self.interp.cfg
             if icfg.dit.in_channels != self.base_cfg.dit.in_channels:
                 raise ConfigError(f"{self.folder}/interp: dit.in_channels={icfg.dit.in_channels} does "
                                   f"not match the base stage's latents ({self.base_cfg.dit.in_channels})")
+
+    def add_adapter(self, path: str | Path, scale: float = 1.0) -> str:
+        """Fold a LoRA adapter (cascade/adapters.py) into the stage it was trained for, at
+        `scale`; refused in one line when this pipeline's stage is another stage, architecture or
+        export than the one it was trained on. -> the stage's name."""
+        from cascade.adapters import merge, read_adapter
+        import json
+        meta_path = Path(path) / "cascade_adapter.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"--adapter {path}: not an adapter folder (no cascade_adapter.json)")
+        name = json.loads(meta_path.read_text())["stage"]
+        stage = getattr(self, name, None) if name != "vae" else None
+        if stage is None:
+            raise ValueError(f"adapter {path} is for the '{name}' stage, which {self.folder} does not "
+                             f"load")
+        _, config, tensors = read_adapter(path, stage.cfg, stage_folder(self.folder, name))
+        net = stage.net
+        net.load_state_dict(merge(net.state_dict(), config, tensors, scale))
+        return name
 
     @property
     def fps(self) -> float:
@@ -456,8 +478,13 @@ class Pipeline:
                 keys = (keys[0].clone(), keys[1].clone())
                 keys[0][:, :, -1], keys[1][:, -1] = keys[0][:, :, 0], 1
             start = None
-            if "source" in given:
-                start = (rows((given["source"],))[0], plan.strength)
+            if "source" in given:                                    # an edit of the source's keyframes
+                source = rows((given["source"],))[0]
+                start = (source, plan.strength)
+                if plan.inversion == "ddim":                         # inverted with its own caption
+                    caption = self.base.encode_text([plan.caption] * B)
+                    start = (self.base.invert(source, *caption, sampling["base"], plan.strength,
+                                              progress), plan.strength, True)
             latents = self.base.sample(shape, *conds[self.base.text_key], sampling["base"],
                                        streams("base"), progress, keys, start,
                                        plan.backward if plan is not None else False)

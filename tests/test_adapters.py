@@ -131,3 +131,40 @@ def test_lora_config_errors(assets):  # noqa: F811
         stage_cfg("base", assets, LORA)
     with pytest.raises(ConfigError, match="not the vae"):
         load_config(REPO / "configs/tiny/vae.yaml", [*LORA, "train.init_from=x"])
+
+
+from tests.test_conditions import cascade_dir  # noqa: E402,F401  (module fixture)
+from tests.test_pipeline import full, stages  # noqa: E402,F401
+
+
+def test_tune_then_edit_a_rendered_clip(cascade_dir, tmp_path, capsys):  # noqa: F811
+    """cascade tune (one-shot LoRA on the base) then cascade edit (DDIM inversion with the
+    recorded caption, the edited prompt, through interp, VAE and SR), and SDEdit; tiny random
+    stages, a rendered clip."""
+    import json
+
+    from cascade.cli import main
+    from cascade.evaluate_tasks import truth
+    from cascade.video_io import read_video, write_mp4
+    caption = "a red circle moving left on a blue background"
+    clip = tmp_path / "clip.mp4"
+    write_mp4(truth(caption, 13, 32, 32, 2.0, 0, 0), clip, fps=16)
+    adapter = tmp_path / "adapter"
+    rc = main(["tune", str(clip), caption, "--out", str(adapter), "--stages", str(cascade_dir),
+               "--steps", "3", "--rank", "2", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((adapter / "cascade_adapter.json").read_text())
+    assert meta["tuned_on"]["caption"] == caption and meta["stage"] == "base" and meta["rank"] == 2
+    out = tmp_path / "edits"
+    for extra in (["--adapter", str(adapter)], ["--inversion", "none", "--strength", "0.5"]):
+        rc = main(["edit", str(clip), "a green circle moving left on a blue background", "--stages",
+                   str(cascade_dir), "--out", str(out), "--steps", "2", "--no-progress", *extra])
+        assert rc == 0, capsys.readouterr().err
+        frames, _ = read_video(next(out.glob("edit_*.mp4")))
+        assert frames.shape == (7, 32, 32, 3)
+    assert next(out.glob("edit_*.png")).is_file()
+    capsys.readouterr()
+    assert main(["edit", str(clip), "a green square", "--stages", str(cascade_dir), "--out", str(out),
+                 "--steps", "1", "--no-progress"]) == 2                  # ddim without a caption
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the input video's own caption" in err[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from cascade.config import ConfigError, StageConfig
+from cascade.sampling import resolve_sampling
 from cascade.stages.common import CACHED_TEXT, DiffusionStage, load_text_encoder, text_condition
 
 FRAME_KEYS = ("frames", "frame_mask", "aug_t")   # the network's frame-condition inputs (dit.cond_frames)
@@ -146,6 +147,23 @@ class BaseStage(DiffusionStage):
             known = (given[0], given[1].to(noise.dtype)[:, None, :, None, None])
         return self.denoise(noise, cond, uncond, sampling, generator, progress, null, known,
                             start)                                         # (B, Cz, Kb, h, w)
+
+    @torch.no_grad()
+    def invert(self, latents: torch.Tensor, cond: dict, uncond: dict, sampling, strength: float = 1.0,
+               progress: bool = False) -> torch.Tensor:
+        """Keyframe latents (B, Cz, Kb, h, w) -> the same at noise level `strength` by DDIM
+        inversion with their caption's `cond` at guidance 1 (Tune-A-Video; `Diffusion.invert`), over
+        the sampling's steps: `sample(..., start=(result, strength, True))` with the DDIM sampler
+        and the same steps gives about them back (an edited prompt: the edit)."""
+        if latents.shape[2] > self.cfg.dit.frames:
+            raise ValueError(f"--inversion ddim: {latents.shape[2]} keyframes are more than the base's "
+                             f"{self.cfg.dit.frames} (one window); use fewer --frames")
+        s = resolve_sampling(sampling, config=self.cfg.diffusion)
+        if self.frame_prompts:                     # nothing given: the text-only branch
+            null, _ = self.frame_inputs(None, latents, None)
+            cond, uncond = {**cond, **null}, {**uncond, **null}
+        return self.diffusion.invert(self.net, latents, cond, uncond, steps=s.steps, guidance=1.0,
+                                     progress=progress, strength=strength)
 
     def sample_windows(self, shape: tuple, cond: dict, uncond: dict, sampling, generator,
                        progress: bool, given: tuple | None = None, start: tuple | None = None,

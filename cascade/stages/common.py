@@ -157,7 +157,8 @@ class DiffusionStage:
         as `sampling` says and, where it says None, as the stage's config.diffusion does.
         null_image: the frame inputs of "nothing given", for three-way guidance at the sampling's
         image_guidance (the stage's cond.image_guidance where it says None); known, start: what
-        `Diffusion.sample` keeps as given and where SDEdit starts."""
+        `Diffusion.sample` keeps as given and where an edit starts, (x, strength) or (x,
+        strength, True) for an x already at that level (inverted)."""
         s = resolve_sampling(sampling, config=self.cfg.diffusion)
         image = s.image_guidance if s.image_guidance is not None else self.cfg.cond.image_guidance
         return self.diffusion.sample(self.net, noise, cond, uncond, steps=s.steps,
@@ -165,7 +166,9 @@ class DiffusionStage:
                                      guidance_interval=s.guidance_interval,
                                      progress=progress, generator=generator,
                                      image_guidance=image if null_image is not None else None,
-                                     null_image=null_image, known=known, start=start)
+                                     null_image=null_image, known=known,
+                                     start=start[:2] if start is not None else None,
+                                     start_noised=start is not None and len(start) > 2 and start[2])
 
     def loss(self, net, inputs):
         """The shared diffusion loss on prepared inputs (x0, t, noise and `cond_keys`)."""
