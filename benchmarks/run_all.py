@@ -2,7 +2,7 @@
 
     python -m benchmarks.run_all [--smoke] [--threads 2] [--out benchmarks/results] [--only peers,...]
 
-In order: bench_train, bench_sample, bench_long (long videos), bench_peers, bench_utilisation (which times each training
+In order: bench_train, bench_sample, bench_long (long videos), bench_lora (LoRA against full fine-tuning), bench_peers, bench_utilisation (which times each training
 step in turn with the matmul it is divided by), bench_scaling. Each writes its .md, .csv and .png
 to --out; this script also writes <out>/summary.md with every table and the seconds each benchmark
 took. Designed to finish in under 10 minutes on 2 CPU cores (the kernel microbenchmarks,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import bench_args, machine_header, parse_args
 
-BENCHMARKS = ("train", "sample", "long", "peers", "utilisation", "scaling")
+BENCHMARKS = ("train", "sample", "long", "lora", "peers", "utilisation", "scaling")
 
 
 def main(argv=None):

@@ -26,21 +26,29 @@ WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."          # PeftModel's key prefix in saved adapters
 
 
-def peft_config(lora):
-    """cascade.config.LoRAConfig -> peft.LoraConfig (alpha 0 means alpha = rank: scaling 1)."""
+def peft_config(lora, modules: list[str] | None = None):
+    """cascade.config.LoRAConfig -> peft.LoraConfig (alpha 0 means alpha = rank: scaling 1);
+    modules: the full names of the linears adapted (`target_linears`), else the suffixes."""
     from peft import LoraConfig
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
-                      target_modules=list(lora.targets), bias="none")
+                      target_modules=modules or list(lora.targets), bias="none")
+
+
+def target_linears(net: torch.nn.Module, targets) -> list[str]:
+    """Full names of net's nn.Linear modules named by a target suffix ("qkv", "mlp.0"): only
+    linears, so a convolution called "proj" (the U-Net has one) is not matched."""
+    return [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)
+            and any(n == t or n.endswith("." + t) for t in targets)]
 
 
 def add_lora(net: torch.nn.Module, lora) -> torch.nn.Module:
     """Inject LoRA adapters into net's target linears (in place) and freeze everything else."""
     from peft import inject_adapter_in_model
-    try:
-        net = inject_adapter_in_model(peft_config(lora), net)
-    except ValueError as e:                                   # no module matched the targets
-        raise ValueError(f"train.lora.targets: {list(lora.targets)} match no linear layer of the "
-                         f"network ({str(e).splitlines()[0][:120]})") from None
+    modules = target_linears(net, lora.targets)
+    if not modules:
+        raise ValueError(f"train.lora.targets: {list(lora.targets)} name no linear layer of the "
+                         f"{type(net).__name__}")
+    net = inject_adapter_in_model(peft_config(lora, modules), net)
     for name, p in net.named_parameters():
         p.requires_grad_("lora_" in name)
     return net

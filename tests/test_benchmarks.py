@@ -27,7 +27,7 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("name", ["train", "sample", "long", "peers", "utilisation", "scaling_attention",
+@pytest.mark.parametrize("name", ["train", "sample", "long", "lora", "peers", "utilisation", "scaling_attention",
                                   "scaling_cascade"])
 def test_each_benchmark_writes_table_csv_and_plot(smoke, name):
     for ext in ("md", "csv", "png"):
