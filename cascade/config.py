@@ -63,6 +63,13 @@ class VAEConfig:
     decoder_only: bool = False                     # Video LDM temporal fine-tuning: encoder frozen
     frame_encoder: bool = False                    # encoder kernels 1x3x3: each latent frame codes its own frame
     decoder_conv: str = "3d"                       # 3d (kt x 3 x 3) | 2+1d (1x3x3 then causal 3x1x1)
+    bottleneck: str = "kl"                         # kl (LDM) | vq (VQ-VAE) | fsq (cascade/models/quantize.py)
+    codebook_size: int = 1024                      # vq: codes
+    codebook_decay: float = 0.99                   # vq: EMA decay of the codebook updates
+    commitment: float = 0.25                       # vq: commitment loss weight (beta in VQ-VAE eq. 3)
+    dead_code_threshold: float = 2.0               # vq: a code used less than this (EMA count) is restarted
+    fsq_levels: list[int] = field(default_factory=list)   # fsq: levels per latent channel ([]: 5 each)
+    min_code_usage: float = 0.05                   # vq / fsq: held-out code usage below this warns of collapse
 
 
 @dataclass
@@ -240,6 +247,7 @@ class StageConfig:
 CHOICES = {
     "data.kind": ("synthetic", "folder", "cache"),   # cache: data.root = a `cascade cache` folder
     "dit.attention": ("factorised", "full", "hybrid", "window"),
+    "vae.bottleneck": ("kl", "vq", "fsq"),
     "dit.pos": ("rope", "sincos"),
     "diffusion.parameterisation": ("vp", "flow"),
     "diffusion.schedule": ("cosine", "shifted_cosine"),

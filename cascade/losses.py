@@ -85,12 +85,17 @@ class VAELoss(nn.Module):
     def forward(self, video, recon, posterior):                             # (B, 3, T, H, W) x2
         err = recon - video                                                  # (B, 3, T, H, W)
         l1, l2 = err.abs().mean(), err.square().mean()
-        kl = posterior.kl()                                                  # (B,)
+        kl = posterior.kl()                                                  # (B,); 0 for vq / fsq
         loss = l1 + self.l2_weight * l2 + self.kl_weight * kl.mean() / video[0].numel()
+        extra = {}
+        if hasattr(posterior, "aux_loss"):                                   # vq: commitment (fsq: 0)
+            loss = loss + posterior.aux_loss
+            extra = {"commit": posterior.aux_loss.detach(), **posterior.stats()}
         lp = torch.zeros((), device=video.device)
         if self.lpips is not None:
             T = video.shape[2]
             idx = torch.linspace(0, T - 1, min(T, LPIPS_FRAMES), device=video.device).round().long()
             lp = self.lpips(_frames(recon, idx), _frames(video, idx)).mean()
             loss = loss + self.lpips_weight * lp
-        return loss, {"l1": l1.detach(), "l2": l2.detach(), "lpips": lp.detach(), "kl": kl.mean().detach()}
+        return loss, {"l1": l1.detach(), "l2": l2.detach(), "lpips": lp.detach(), "kl": kl.mean().detach(),
+                      **extra}

@@ -49,11 +49,16 @@ class CacheError(ValueError):
 
 
 def vae_fingerprint(vae_dir: str | Path) -> dict:
-    """The VAE export a cache is made with: its folder and the sha256 of its weights file."""
+    """The VAE export a cache is made with: its folder, the sha256 of its weights file and its
+    bottleneck (kl: latent_mean / latent_std are the posterior's; vq, fsq: the codes, std 0)."""
+    from cascade.config import load_config
     weights = Path(vae_dir) / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"missing checkpoint file: {weights}")
-    return {"path": str(Path(vae_dir).resolve()), "sha256": file_sha256(weights)}
+    cfg = Path(vae_dir) / "config.yaml"
+    bottleneck = load_config(cfg).vae.bottleneck if cfg.is_file() else "kl"
+    return {"path": str(Path(vae_dir).resolve()), "sha256": file_sha256(weights),
+            "bottleneck": bottleneck}
 
 
 def text_fingerprint(text_cfg) -> dict:

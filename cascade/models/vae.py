@@ -175,10 +175,11 @@ class Encoder(nn.Module):
                 blocks.append(CausalConv3d(ch, ch, (kt, 3, 3),
                                            stride=(2 if cfg.temporal_down[i] else 1, 2, 2)))
         self.blocks = nn.Sequential(*blocks, MidBlock(cin, cfg.groups, kt))
-        self.conv_out = CausalConv3d(cin, 2 * cfg.latent_channels, (kt, 3, 3))
+        moments = 2 if cfg.bottleneck == "kl" else 1                        # (mean, logvar) or codes
+        self.conv_out = CausalConv3d(cin, moments * cfg.latent_channels, (kt, 3, 3))
 
     def forward(self, x):                                                    # (B, 3, T, H, W)
-        return self.conv_out(F.silu(self.blocks(self.conv_in(x))))          # (B, 2Cz, T', h, w)
+        return self.conv_out(F.silu(self.blocks(self.conv_in(x))))          # (B, 2Cz or Cz, T', h, w)
 
 
 class Decoder(nn.Module):
@@ -218,6 +219,10 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    def reparameterise(self, noise: torch.Tensor) -> torch.Tensor:
+        """mean + std * noise: the training sample for given standard normal noise."""
+        return self.mean + self.std * noise
+
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) summed over each sample's latent elements -> (B,)."""
         kl = 0.5 * (self.mean ** 2 + self.var - 1.0 - self.logvar)
@@ -237,8 +242,15 @@ class VideoVAE(nn.Module):
         if cfg.frame_encoder and any(cfg.temporal_down):
             raise ValueError("vae.frame_encoder: a per-frame encoder cannot compress time; "
                              "set vae.temporal_down to all false")
+        if cfg.bottleneck not in ("kl", "vq", "fsq"):
+            raise ValueError(f"vae.bottleneck: '{cfg.bottleneck}' is not one of kl, vq, fsq")
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        # vq / fsq (cascade/models/quantize.py): the encoder's output quantized, not sampled
+        self.quantizer = None
+        if cfg.bottleneck != "kl":
+            from cascade.models.quantize import Quantizer
+            self.quantizer = Quantizer(cfg)
         self.register_buffer("scaling_factor", torch.tensor(1.0))           # LDM's 1/std of latents
         if cfg.decoder_only:
             self.encoder.requires_grad_(False)
@@ -265,9 +277,14 @@ class VideoVAE(nn.Module):
             raise ValueError(f"VideoVAE: size {h}x{w} is not divisible by the spatial factor {f}")
         return self.cfg.latent_channels, 1 + (frames - 1) // s, h // f, w // f
 
-    def encode(self, video: torch.Tensor) -> DiagonalGaussian:              # (B, 3, T, H, W)
+    def encode(self, video: torch.Tensor, seed: int | None = None):         # (B, 3, T, H, W)
+        """q(z|x): a DiagonalGaussian (kl) or the Quantized codes (vq, fsq; seed: the quantizer's
+        dead-code restarts) over (B, Cz, T', h, w)."""
         self.latent_shape(*video.shape[2:])                                  # validates T, H, W
-        return DiagonalGaussian(self.encoder(video))                         # over (B, Cz, T', h, w)
+        return self._bottleneck(self.encoder(video), seed)
+
+    def _bottleneck(self, h: torch.Tensor, seed: int | None = None):
+        return DiagonalGaussian(h) if self.quantizer is None else self.quantizer(h, seed)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:                      # (B, Cz, T', h, w)
         return self.decoder(z)                                               # (B, 3, 1+s(T'-1), H, W)
@@ -277,9 +294,9 @@ class VideoVAE(nn.Module):
         z = posterior.sample(generator) if sample else posterior.mode()      # (B, Cz, T', h, w)
         return self.decode(z), posterior                                     # (B, 3, T, H, W)
 
-    def encode_image(self, image: torch.Tensor) -> DiagonalGaussian:        # (B, 3, H, W)
+    def encode_image(self, image: torch.Tensor):                            # (B, 3, H, W)
         self.latent_shape(1, *image.shape[-2:])
-        return DiagonalGaussian(self.encoder(image.unsqueeze(2))[:, :, 0])   # over (B, Cz, h, w)
+        return self._bottleneck(self.encoder(image.unsqueeze(2))[:, :, 0])   # over (B, Cz, h, w)
 
     def decode_image(self, z: torch.Tensor) -> torch.Tensor:                # (B, Cz, h, w)
         return self.decoder(z.unsqueeze(2))[:, :, 0]                         # (B, 3, H, W)

@@ -66,11 +66,13 @@ class VAEStage:
     def prepare(self, batch, gens, device) -> dict:
         video = batch["video"].to(device)                                    # (B, 3, T, H, W)
         zshape = self.net.latent_shape(*video.shape[2:])                     # (Cz, T', h, w)
-        return {"video": video, "noise": gens.randn((len(gens), *zshape)).to(device)}
+        seed = int(gens.rand()[0] * 2 ** 31)                                 # a quantizer's restarts
+        return {"video": video, "noise": gens.randn((len(gens), *zshape)).to(device),
+                "seed": torch.tensor(seed)}
 
     def loss(self, net, inputs):
-        post = net.encode(inputs["video"])
-        z = post.mean + post.std * inputs["noise"]                           # reparameterised sample
+        post = net.encode(inputs["video"], int(inputs["seed"]))
+        z = post.reparameterise(inputs["noise"])                             # KL: a sample; vq/fsq: the codes
         recon = net.decode(z)
         return self.loss_fn(inputs["video"], recon, post)
 
@@ -84,9 +86,18 @@ class VAEStage:
         vae.load_state_dict(state)
         vae.eval()
         data = build_dataset(self.cfg.data, split="val")
-        videos = torch.stack([data[i]["video"] for i in range(clips)])       # (N, 3, T, H, W)
+        videos = torch.stack([data[i]["video"] for i in range(min(clips, len(data)))])  # (N, 3, T, H, W)
         scale = vae.calibrate_scale(videos.split(8))
-        return vae.state_dict(), {**vae_heldout_metrics(vae, videos), "latent_scale": scale}
+        metrics = {**vae_heldout_metrics(vae, videos), "latent_scale": scale}
+        if vae.quantizer is not None:                  # codebook collapse is named, not silent
+            h = torch.cat([vae.encoder(v) for v in videos.split(8)])
+            usage = vae.quantizer.usage(h)
+            metrics.update(heldout_code_usage=usage["code_usage"], heldout_perplexity=usage["perplexity"])
+            if usage["code_usage"] < self.cfg.vae.min_code_usage:
+                print(f"warning: codebook collapse: the held-out clips use {usage['code_usage']:.1%} "
+                      f"of the {self.cfg.vae.bottleneck} codes (below vae.min_code_usage="
+                      f"{self.cfg.vae.min_code_usage:.0%}; perplexity {usage['perplexity']:.1f})")
+        return vae.state_dict(), metrics
 
 
 @torch.no_grad()
