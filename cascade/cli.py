@@ -4,6 +4,7 @@
     cascade train-cascade configs/cascade/tiny.yaml           every stage of a cascade, in order
     cascade export runs/tiny/base --out exports/base_now     a checkpoint's EMA weights, exported
     cascade merge-adapter adapters/x --stage weights/tiny/base --out merged/base   fold a LoRA in
+    cascade data natural --out data/natural                  clips over shipped photographs (VAE)
     cascade tune clip.mp4 "a red circle moving left on a blue background" --out adapters/clip
     cascade edit clip.mp4 "a green circle moving left on a blue background" --adapter adapters/clip
     cascade sample "a red circle moving left on a blue background"
@@ -185,6 +186,17 @@ def cmd_edit(args) -> None:
                           captions=[f"input: {caption or args.video}", f"edit: {prompt}"])
     print(f"wrote {path}\nwrote {sheet}")
     print(format_table(res))
+
+
+def cmd_data(args) -> None:
+    """`cascade data natural|lavfi --out DIR`: clip folders no one here drew (cascade/data/natural.py)."""
+    from cascade.data.natural import lavfi_clips, natural_clips
+    if args.kind == "natural":
+        out = natural_clips(args.out, seed=args.seed, per_photo=args.clips, progress=not args.no_progress)
+        print(f"wrote {out}/train.csv and {out}/val.csv (held-out photographs only in val)")
+    else:
+        out = lavfi_clips(args.out)
+        print(f"wrote {out}/lavfi.csv")
 
 
 def cmd_merge_adapter(args) -> None:
@@ -510,6 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the export folder to write")
     ex.add_argument("--step", type=int, help="the checkpoint's step (default: the newest intact one)")
     ex.set_defaults(fn=cmd_export)
+    da = sub.add_parser("data", help="build a clip folder: natural (camera moves over the "
+                                     "photographs installed packages ship) or lavfi (ffmpeg's test patterns)")
+    da.add_argument("kind", choices=("natural", "lavfi"))
+    da.add_argument("--out", required=True, help="the folder to write (clips and manifests)")
+    da.add_argument("--seed", type=int, default=0)
+    da.add_argument("--clips", type=int, default=24, help="natural: training clips per photograph")
+    da.add_argument("--no-progress", action="store_true")
+    da.set_defaults(fn=cmd_data)
     tu = sub.add_parser("tune", help="one-shot tuning (Tune-A-Video): a LoRA adapter of the base "
                                      "stage fitted to one captioned clip, for cascade edit")
     tu.add_argument("video", help="the clip (any size and frame rate)")

@@ -38,6 +38,7 @@ class DataConfig:
     # empty: every clip is data.frames x data.height x data.width
     buckets: list[list[int]] = field(default_factory=list)
     bucket_max_crop: float = 0.25  # a bucket may cut away at most this share of a video's picture
+    mix_synthetic: float = 0.0     # kind=folder: this share of training samples are embedded-domain clips (by seed, index)
 
 
 @dataclass
@@ -281,6 +282,9 @@ def validate(cfg: StageConfig) -> StageConfig:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0 <= cfg.data.image_fraction <= 1:
         raise ConfigError(f"data.image_fraction: must be in [0, 1], got {cfg.data.image_fraction}")
+    if not 0 <= cfg.data.mix_synthetic < 1 or (cfg.data.mix_synthetic and cfg.data.kind != "folder"):
+        raise ConfigError(f"data.mix_synthetic: must be in [0, 1) and goes with data.kind=folder, "
+                          f"got {cfg.data.mix_synthetic} with {cfg.data.kind}")
     if not 0 <= cfg.data.recaption_ratio <= 1:
         raise ConfigError(f"data.recaption_ratio: must be in [0, 1], got {cfg.data.recaption_ratio}")
     if cfg.data.image_fraction and cfg.stage == "interp":

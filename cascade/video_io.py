@@ -56,11 +56,14 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_mp4(frames, path: str | Path, fps: float = 8.0, crf: int = 18) -> Path:
+def write_mp4(frames, path: str | Path, fps: float = 8.0, crf: int = 18, lossless: bool = False) -> Path:
     """Write a video as H.264 (libx264, yuv420p) mp4. Odd sizes are padded to even (edge pixels).
+    lossless: RGB H.264 at qp 0 (libx264rgb): decoded frames equal the input exactly (data sets).
 
     frames: uint8 (T, H, W, 3) or float (3, T, H, W) in [-1, 1]. Returns the path written.
-    """
+    x264's lossy output is not always the same bytes for the same frames (the first encodes of a
+    process differed from later ones, decoded up to a level apart on average, measured): where
+    bytes must repeat (a data set), write lossless."""
     video = to_uint8(frames)                                                # (T, H, W, 3)
     T, H, W, _ = video.shape
     video = np.pad(video, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
@@ -70,11 +73,11 @@ def write_mp4(frames, path: str | Path, fps: float = 8.0, crf: int = 18) -> Path
     rate = Fraction(fps).limit_denominator(1001)
     try:
         with av.open(str(tmp), mode="w", format="mp4") as out:
-            stream = out.add_stream("libx264", rate=rate)
+            stream = out.add_stream("libx264rgb" if lossless else "libx264", rate=rate)
             stream.width, stream.height = video.shape[2], video.shape[1]
-            stream.pix_fmt = "yuv420p"
+            stream.pix_fmt = "rgb24" if lossless else "yuv420p"
             stream.codec_context.time_base = 1 / rate
-            stream.options = {"crf": str(crf)}
+            stream.options = {"qp": "0"} if lossless else {"crf": str(crf)}
             for i, frame in enumerate(video):
                 vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
                 vf.pts = i

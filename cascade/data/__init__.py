@@ -41,8 +41,12 @@ def build_dataset(data_cfg: DataConfig, split: str = "train"):
             common.update(recaption_manifest=d.recaption_manifest, recaption_ratio=d.recaption_ratio)
         if d.val_manifest:                         # held-out videos listed apart: train on all
             manifest = d.val_manifest if split == "val" else d.manifest
-            return VideoFolder(d.root, manifest, **common)
-        return VideoFolder(d.root, d.manifest, split=split, val_fraction=d.val_fraction, **common)
+            folder = VideoFolder(d.root, manifest, **common)
+        else:
+            folder = VideoFolder(d.root, d.manifest, split=split, val_fraction=d.val_fraction, **common)
+        if split == "train" and d.mix_synthetic > 0:
+            return MixedVideos(folder, d.mix_synthetic, d.seed, d.fps)
+        return folder
     if d.kind == "cache":                          # cascade cache: latents + text, encoded once
         from cascade.data.cache import LatentCache, read_manifest, source_config
         if not d.root:
@@ -51,6 +55,33 @@ def build_dataset(data_cfg: DataConfig, split: str = "train"):
             return build_dataset(source_config(read_manifest(d.root)), split="val")
         return LatentCache(d.root)
     raise ConfigError(f"data.kind: '{d.kind}' is not one of synthetic, folder, cache")
+
+
+class MixedVideos(torch.utils.data.Dataset):
+    """A folder data set with a share of its samples replaced by embedded-domain clips
+    (data.mix_synthetic): sample i is synthetic when a uniform draw from (seed, i) falls below
+    `ratio`, rendered at the shape the folder's clip i has (its bucket's), so batches still stack
+    and buckets still hold. Everything else (length, buckets, skipped rows) is the folder's."""
+
+    def __init__(self, folder, ratio: float, seed: int, fps: float):
+        self.folder, self.ratio, self.seed, self.fps = folder, ratio, seed, fps
+
+    def __getattr__(self, name):                   # bucket_members, buckets, skipped, summary ...
+        return getattr(self.__dict__["folder"], name)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index) -> dict:
+        import numpy as np
+        i = index[0] if isinstance(index, tuple) else index
+        if np.random.default_rng((self.seed, 0x5EED, int(i))).random() >= self.ratio:
+            return self.folder[index]
+        if isinstance(index, tuple):               # a bucket's shape
+            T, H, W = self.folder.buckets[index[1]]
+        else:
+            T, H, W = self.folder.frames, self.folder.height, self.folder.width
+        return SyntheticVideos(T, H, W, seed=self.seed + 7, fps=self.fps)[int(i)]
 
 
 def collate(batch: list[dict]) -> dict:

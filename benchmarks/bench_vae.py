@@ -1,0 +1,218 @@
+"""Benchmark: video autoencoders on content no one here made (quality, not speed).
+
+    python -m benchmarks.bench_vae --vae NAME=EXPORT ... [--config configs/tiny/vae_natural.yaml]
+        [--peers cogvideox,svd] [--peer-steps N] [--natural data/natural] [--lavfi data/lavfi]
+
+Each autoencoder reconstructs (posterior mode) three sets of 8-frame clips at the config's size:
+  natural held-out   camera moves over the photographs `cascade data natural` holds out of training
+  other source       the same, over matplotlib's photograph only (a source the training never saw)
+  lavfi              ffmpeg's own test patterns (`cascade data lavfi`: testsrc2, mandelbrot, life,
+                     cellauto, gradients, smptehdbars, sierpinski), drawn by ffmpeg
+and is scored by PSNR (dB), temporal error (cascade.losses.temporal_error: flicker, 8-bit levels)
+and LPIPS (cascade.evaluate.load_lpips: the VGG trunk when the torch cache has it, else a random
+trunk: compare LPIPS only within one table). Rows: every --vae export, bilinear down-up at the same
+spatial compression (the baseline a VAE must beat), and the diffusers peers of bench_peers built
+at the same widths, latent channels and groups, trained here for --peer-steps (default: the
+config's train.steps) on the config's data with the same loss (L1 + L2 + KL), optimizer, schedule
+and EMA as `cascade train` (SVD's autoencoder fixes 32 GroupNorm groups: its widths are rounded up
+to a multiple of 32, noted in the table). Peers need diffusers (`pip install -e '.[bench]'`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import bench_args, grouped_bar_plot, optional_import, parse_args, report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def clip_set(root: Path, manifest: Path, frames: int, H: int, W: int, fps: float, source=None):
+    """Clips of a manifest (optionally only rows whose source column is `source`) -> (N, 3, T, H, W)."""
+    import csv
+
+    from cascade.data.video_folder import VideoFolder
+    rows = list(csv.DictReader(open(manifest)))
+    if source is not None:
+        keep = [r for r in rows if r.get("source") == source]
+        sub = manifest.with_name(f".{manifest.stem}_{source}.csv")
+        with open(sub, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(keep)
+        manifest = sub
+    ds = VideoFolder(root, manifest, frames, H, W, fps=fps)
+    return torch.stack([ds[i]["video"] for i in range(len(ds))])
+
+
+def bilinear(factor: int):
+    import torch.nn.functional as F
+
+    def run(x):                                                           # (B, 3, T, H, W)
+        B, C, T, H, W = x.shape
+        f = x.transpose(1, 2).reshape(B * T, C, H, W)
+        small = F.interpolate(f, scale_factor=1 / factor, mode="bilinear", antialias=True, align_corners=False)
+        up = F.interpolate(small, size=(H, W), mode="bilinear", align_corners=False)
+        return up.reshape(B, T, C, H, W).transpose(1, 2)
+    return run
+
+
+def ours(folder):
+    from cascade.stages import load_vae
+    vae, _ = load_vae(folder)
+    return lambda x: vae(x, sample=False)[0]
+
+
+# ----------------------------------------------------------------------------- the peers
+
+def build_peer(kind: str, vcfg):
+    chs = [vcfg.channels * m for m in vcfg.channel_mults]
+    n, note = len(chs), ""
+    if kind == "cogvideox":
+        from diffusers import AutoencoderKLCogVideoX
+        return AutoencoderKLCogVideoX(
+            down_block_types=("CogVideoXDownBlock3D",) * n, up_block_types=("CogVideoXUpBlock3D",) * n,
+            block_out_channels=tuple(chs), latent_channels=vcfg.latent_channels, layers_per_block=1,
+            norm_num_groups=vcfg.groups or 1, temporal_compression_ratio=1), note
+    from diffusers import AutoencoderKLTemporalDecoder
+    wide = [32 * math.ceil(c / 32) for c in chs]
+    if wide != chs:
+        note = f"widths {wide} (diffusers fixes 32 groups)"
+    return AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * n,
+                                        block_out_channels=tuple(wide), layers_per_block=1,
+                                        latent_channels=vcfg.latent_channels), note
+
+
+def peer_forward(kind: str, model, x, sample: bool):
+    """(reconstruction (B, 3, T, H, W), posterior) in the peer's own layout."""
+    B, _, T, H, W = x.shape
+    if kind == "cogvideox":
+        post = model.encode(x).latent_dist
+        z = post.sample() if sample else post.mode()
+        return model.decode(z).sample, post
+    xf = x.transpose(1, 2).reshape(B * T, 3, H, W)
+    post = model.encode(xf).latent_dist
+    z = post.sample() if sample else post.mode()
+    y = model.decode(z, num_frames=T).sample
+    return y.reshape(B, T, 3, H, W).transpose(1, 2), post
+
+
+def train_peer(kind: str, cfg, steps: int, out: Path):
+    """Train a peer as `cascade train` trains ours (data, loss, AdamW, schedule, EMA) -> the EMA model."""
+    import copy
+
+    from cascade.data import build_dataset, collate
+    from cascade.data.buckets import BucketSampler
+    from cascade.losses import L2_WEIGHT
+    from cascade.train import EMA, StepSampler, lr_lambda
+    torch.manual_seed(cfg.train.seed)
+    model, _ = build_peer(kind, cfg.vae)
+    data = build_dataset(cfg.data)
+    t = copy.deepcopy(cfg.train)
+    t.steps = steps
+    cfg2 = copy.deepcopy(cfg)
+    cfg2.train = t
+    sampler = BucketSampler(data.bucket_members, len(data.buckets), len(data), cfg2, 0, 0, 1) \
+        if cfg.data.buckets else StepSampler(cfg2, 0, 0, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
+    ema = EMA(model, t.ema_decay, t.ema_warmup)
+    tic = time.perf_counter()
+    for step, idx in enumerate(sampler):
+        x = collate([data[i] for i in idx])["video"]
+        y, post = peer_forward(kind, model, x, sample=True)
+        err = y - x
+        kl = post.kl().flatten(1).sum(1).mean() if post.kl().dim() > 1 else post.kl().mean()
+        loss = err.abs().mean() + L2_WEIGHT * err.square().mean() + cfg.vae.kl_weight * kl / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update(model)
+        if (step + 1) % 100 == 0:
+            print(f"    {kind} step {step + 1}/{steps}: loss {loss.item():.4f} "
+                  f"({time.perf_counter() - tic:.0f} s)", flush=True)
+    model.load_state_dict(ema.state())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def score(fn, clips: torch.Tensor, lp) -> dict:
+    from cascade.evaluate import lpips_frames
+    from cascade.losses import psnr, temporal_error
+    recon = torch.cat([fn(c).clamp(-1, 1) for c in clips.split(4)])
+    out = {"psnr": float(psnr(clips, recon).mean()), "temporal": float(temporal_error(clips, recon).mean())}
+    if lp is not None:
+        out["lpips"] = float(lpips_frames(lp, recon, clips).mean())
+    return out
+
+
+def main(argv=None):
+    p = bench_args(__doc__.splitlines()[0])
+    p.add_argument("--vae", action="append", default=[], metavar="NAME=EXPORT", help="a VAE export to score")
+    p.add_argument("--config", type=Path, default=REPO / "configs/tiny/vae_natural.yaml",
+                   help="the data, size and training settings (peers train on it)")
+    p.add_argument("--natural", type=Path, default=REPO / "data/natural", help="cascade data natural's folder")
+    p.add_argument("--lavfi", type=Path, default=REPO / "data/lavfi", help="cascade data lavfi's folder")
+    p.add_argument("--peers", default="cogvideox,svd", help="comma-separated diffusers peers ('' for none)")
+    p.add_argument("--peer-steps", type=int, help="peer training steps (default: train.steps)")
+    p.add_argument("--peer-dir", type=Path, default=REPO / "runs/peers", help="trained peers are kept here")
+    p.add_argument("--lpips", default="auto", choices=("auto", "pretrained", "random", "off"))
+    args = parse_args(p, argv)
+    from cascade.config import load_config
+    from cascade.evaluate import load_lpips
+    overrides = ["train.steps=3", "data.buckets=[]"] if args.smoke else []
+    cfg = load_config(args.config, overrides + [f"data.root={args.natural}",
+                                                f"data.manifest={args.natural / 'train.csv'}",
+                                                f"data.val_manifest={args.natural / 'val.csv'}"])
+    d = cfg.data
+    sets = {"natural held-out": clip_set(args.natural, args.natural / "val.csv", d.frames, d.height, d.width, d.fps),
+            "other source": clip_set(args.natural, args.natural / "val.csv", d.frames, d.height, d.width,
+                                     d.fps, source="grace_hopper"),
+            "lavfi": clip_set(args.lavfi, args.lavfi / "lavfi.csv", d.frames, d.height, d.width, d.fps)}
+    lp, lp_name = load_lpips(args.lpips)
+    models = {name: ours(folder) for name, folder in (v.split("=", 1) for v in args.vae)}
+    models[f"bilinear x{2 ** (len(cfg.vae.channel_mults) - 1)}"] = bilinear(2 ** (len(cfg.vae.channel_mults) - 1))
+    notes = {}
+    peers = [k for k in args.peers.split(",") if k]
+    if peers and optional_import("diffusers") is None:
+        print("diffusers is not installed (pip install -e '.[bench]'): no peer rows")
+        peers = []
+    steps = args.peer_steps or cfg.train.steps
+    for kind in peers:
+        path = args.peer_dir / f"{kind}_{steps}.pt"
+        model, note = build_peer(kind, cfg.vae)
+        if path.is_file() and not args.smoke:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            model.eval()
+        else:
+            print(f"  training the {kind} peer for {steps} steps", flush=True)
+            model = train_peer(kind, cfg, steps, path if not args.smoke else args.out / f"{kind}.pt")
+        models[f"{kind} (diffusers, {steps} steps)"] = lambda x, m=model, k=kind: peer_forward(k, m, x, False)[0]
+        notes[kind] = note
+    rows = []
+    for name, fn in models.items():
+        for set_name, clips in sets.items():
+            rows.append({"model": name, "set": set_name, "clips": len(clips), **score(fn, clips, lp)})
+        print(f"  {name}: " + ", ".join(f"{r['set']} {r['psnr']:.2f} dB" for r in rows[-3:]), flush=True)
+    text = [f"clips of {d.frames} frames at {d.height}x{d.width} ({args.config.name}); LPIPS: {lp_name}.",
+            *(f"{k}: {v}" for k, v in notes.items() if v)]
+
+    def plot(rows, path):
+        grouped_bar_plot(rows, "set", "model", "psnr", path, title="reconstruction PSNR (dB)")
+
+    report("vae", "Video autoencoders on content no one here made: PSNR, temporal error, LPIPS",
+           rows, args.out, text, plot)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

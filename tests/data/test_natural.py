@@ -1,0 +1,70 @@
+"""cascade data natural / lavfi (cascade/data/natural.py) and data.mix_synthetic: deterministic by
+seed (the decoded frames exactly: lossless mp4), never a held-out photograph in the training set,
+one-line errors for what is missing."""
+import csv
+import shutil
+import sys
+
+import pytest
+import torch
+
+from cascade.data.natural import HELDOUT_PHOTOS, TRAIN_PHOTOS, camera_clip, natural_clips, photo
+
+
+def rows(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_clips_are_deterministic_and_held_out_photographs_stay_out(tmp_path):
+    a = natural_clips(tmp_path / "a", seed=3, per_photo=1, heldout_per_photo=1, progress=False)
+    b = natural_clips(tmp_path / "b", seed=3, per_photo=1, heldout_per_photo=1, progress=False)
+    train, val = rows(a / "train.csv"), rows(a / "val.csv")
+    assert {r["source"] for r in train} == set(TRAIN_PHOTOS)
+    assert {r["source"] for r in val} == set(HELDOUT_PHOTOS)
+    assert not any(r["path"].startswith("val/") for r in train)
+    from cascade.video_io import read_video
+    for r in train + val:                                  # lossless: the frames exactly
+        x, _ = read_video(a / r["path"])
+        assert (x == read_video(b / r["path"])[0]).all(), r["path"]
+    assert train == rows(b / "train.csv")
+    import numpy as np
+    name, k = train[0]["source"], 0
+    clip, _ = camera_clip(photo(name), 9, 64, 64, np.random.default_rng((3, 0, 0, k)))
+    from cascade.video_io import to_uint8
+    assert (read_video(a / train[0]["path"])[0] == to_uint8(clip)).all()   # as rendered
+    with pytest.raises(ValueError, match="both a training and a held-out"):
+        natural_clips(tmp_path / "c", train_photos=("astronaut", "chelsea"), progress=False)
+    import numpy as np
+    img = photo("astronaut")
+    one, m1 = camera_clip(img, 5, 16, 16, np.random.default_rng(0))
+    two, m2 = camera_clip(img, 5, 16, 16, np.random.default_rng(0))
+    other, _ = camera_clip(img, 5, 16, 16, np.random.default_rng(1))
+    assert torch.equal(one, two) and m1 == m2 and not torch.equal(one, other)
+    assert one.shape == (3, 5, 16, 16) and one.abs().max() <= 1
+
+
+def test_a_missing_package_or_program_is_one_line(tmp_path, monkeypatch):
+    from cascade.data.natural import lavfi_clips
+    monkeypatch.setitem(sys.modules, "skimage", None)                     # import fails
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    with pytest.raises(ValueError, match="needs scikit-image"):
+        photo("astronaut")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="needs the ffmpeg program"):
+        lavfi_clips(tmp_path)
+
+
+def test_mix_synthetic_replaces_a_share_of_samples(tmp_path):
+    from cascade.config import load_config
+    from cascade.data import build_dataset
+    natural_clips(tmp_path, per_photo=1, heldout_per_photo=1, progress=False)
+    cfg = load_config(None, ["data.kind=folder", f"data.root={tmp_path}",
+                             f"data.manifest={tmp_path / 'train.csv'}", f"data.val_manifest={tmp_path / 'val.csv'}",
+                             "data.mix_synthetic=0.5", "data.height=16", "data.width=16", "data.frames=4"])
+    ds = build_dataset(cfg.data)
+    caps = [ds[i]["caption"] for i in range(len(ds))]
+    synthetic = sum("photograph" not in c for c in caps)
+    assert 0.2 < synthetic / len(caps) < 0.8
+    assert all(ds[i]["video"].shape == (3, 4, 16, 16) for i in range(4))
+    val = build_dataset(cfg.data, "val")
+    assert all("photograph" in val[i]["caption"] for i in range(len(val)))   # val unmixed
