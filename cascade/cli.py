@@ -5,6 +5,7 @@
     cascade export runs/tiny/base --out exports/base_now     a checkpoint's EMA weights, exported
     cascade merge-adapter adapters/x --stage weights/tiny/base --out merged/base   fold a LoRA in
     cascade data natural --out data/natural                  clips over shipped photographs (VAE)
+    cascade serve                                             the local web app on 127.0.0.1:7860
     cascade tune clip.mp4 "a red circle moving left on a blue background" --out adapters/clip
     cascade edit clip.mp4 "a green circle moving left on a blue background" --adapter adapters/clip
     cascade sample "a red circle moving left on a blue background"
@@ -186,6 +187,16 @@ def cmd_edit(args) -> None:
                           captions=[f"input: {caption or args.video}", f"edit: {prompt}"])
     print(f"wrote {path}\nwrote {sheet}")
     print(format_table(res))
+
+
+def cmd_serve(args) -> None:
+    """`cascade serve`: the local web app (cascade/serve.py) over the cascade's stages."""
+    from cascade.serve import serve
+    cc = load_cascade(args.cascade)
+    stages = find_stages(args, cc, {"vae", "base", "interp", "sr"})
+    sampling = {k: vars(v) for k, v in resolve_sampling(args, cc).items()}
+    print(f"cascade serve: http://{args.host}:{args.port} (stages {stages}; Ctrl-C stops)")
+    serve(stages, sampling, host=args.host, port=args.port)
 
 
 def cmd_data(args) -> None:
@@ -522,6 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the export folder to write")
     ex.add_argument("--step", type=int, help="the checkpoint's step (default: the newest intact one)")
     ex.set_defaults(fn=cmd_export)
+    sv = sub.add_parser("serve", help="a local web app over the cascade: text to video and every "
+                                      "task prompted with frames, per-stage settings, downloads")
+    sv.add_argument("--stages", help="folder of exported stages (default: the cascade's)")
+    sv.add_argument("--cascade", default=str(DEFAULT_CASCADE), help="cascade YAML (sampling defaults)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this "
+                    "machine only; another address warns)")
+    sv.add_argument("--port", type=int, default=7860)
+    add_sampling_flags(sv)
+    sv.set_defaults(fn=cmd_serve)
     da = sub.add_parser("data", help="build a clip folder: natural (camera moves over the "
                                      "photographs installed packages ship) or lavfi (ffmpeg's test patterns)")
     da.add_argument("kind", choices=("natural", "lavfi"))
