@@ -6,6 +6,7 @@
     cascade merge-adapter adapters/x --stage weights/tiny/base --out merged/base   fold a LoRA in
     cascade data natural --out data/natural                  clips over shipped photographs (VAE)
     cascade serve                                             the local web app on 127.0.0.1:7860
+    cascade plot runs/a runs/b --out loss.png                 loss curves side by side
     cascade tune clip.mp4 "a red circle moving left on a blue background" --out adapters/clip
     cascade edit clip.mp4 "a green circle moving left on a blue background" --adapter adapters/clip
     cascade sample "a red circle moving left on a blue background"
@@ -187,6 +188,12 @@ def cmd_edit(args) -> None:
                           captions=[f"input: {caption or args.video}", f"edit: {prompt}"])
     print(f"wrote {path}\nwrote {sheet}")
     print(format_table(res))
+
+
+def cmd_plot(args) -> None:
+    """`cascade plot RUN... --out loss.png`: loss curves from the runs' log.csv."""
+    from cascade.dashboard import plot_runs
+    print(f"wrote {plot_runs(args.runs, args.out, tuple(args.columns.split(',')), args.smooth)}")
 
 
 def cmd_serve(args) -> None:
@@ -533,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the export folder to write")
     ex.add_argument("--step", type=int, help="the checkpoint's step (default: the newest intact one)")
     ex.set_defaults(fn=cmd_export)
+    pt = sub.add_parser("plot", help="loss curves of one or several runs to a PNG, from their log.csv")
+    pt.add_argument("runs", nargs="+", help="train.out_dir folders (or log.csv files)")
+    pt.add_argument("--out", default="outputs/loss.png")
+    pt.add_argument("--columns", default="loss,lr", help="comma-separated log.csv columns, a panel each")
+    pt.add_argument("--smooth", type=int, default=20, help="running-mean window in steps")
+    pt.set_defaults(fn=cmd_plot)
     sv = sub.add_parser("serve", help="a local web app over the cascade: text to video and every "
                                       "task prompted with frames, per-stage settings, downloads")
     sv.add_argument("--stages", help="folder of exported stages (default: the cascade's)")

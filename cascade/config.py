@@ -216,6 +216,8 @@ class TrainConfig:
     sequence_parallel: int = 1      # DiT stages: DeepSpeed-Ulysses degree; sp consecutive ranks share each sample, 1/sp of its frames each (cascade/parallel.py)
     precision: str = "fp32"         # fp32 | bf16 | fp16 (bf16/fp16 on GPUs)
     log_every: int = 10
+    tensorboard: bool = True        # event files in out_dir/tensorboard beside log.csv (cascade/dashboard.py)
+    sample_every: int = 0           # a sample sheet from the EMA weights every this many steps (0: off)
     ckpt_every: int = 200
     keep_ckpts: int = 2
     pack_tokens: int = 0            # base stage: pack each micro batch's clips (any shapes) into rows of this many tokens (NaViT); 0: off

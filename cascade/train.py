@@ -547,6 +547,10 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         trim_log(log_path, start)                      # the steps past the checkpoint run again
+    from cascade.dashboard import Dashboard, sample_sheet
+    board = Dashboard(out, start, enabled=rank == 0 and t.tensorboard)
+    if cfg.data.buckets and getattr(dataset, "bucket_members", None) is not None:
+        board.text("data/buckets", histogram(dataset.bucket_members, dataset.buckets))
 
     sampler = BucketSampler(dataset.bucket_members, len(dataset.buckets), len(dataset), cfg, start,
                             dp_rank, dp_world, mixed=t.pack_tokens > 0) if cfg.data.buckets \
@@ -569,10 +573,16 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
         tic = time.perf_counter()
         row = {"step": step + 1, **totals, "lr": sched.get_last_lr()[0],
                "samples_per_s": global_batch / max(elapsed, 1e-9), "skipped": bad_steps}
+        norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+        if norm is not None:
+            row["grad_norm"] = float(norm)
         if rank == 0:
             if step == start:                          # a step ran: this config is the run's now
                 save_config(cfg, out / "config.yaml")
             write_log_row(log_path, row)
+            board.scalars(row)
+            if t.sample_every and ((step + 1) % t.sample_every == 0 or step + 1 == t.steps):
+                sample_sheet(stage, cfg, ema.state(), out, step + 1, board)
             if (step + 1) % t.log_every == 0 or step == start:
                 bar.set_postfix(loss=f"{totals['loss']:.4f}", it_s=f"{1 / max(elapsed, 1e-9):.2f}",
                                 samples_s=f"{row['samples_per_s']:.1f}")
@@ -580,6 +590,7 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
         if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
             save_checkpoint(engine, ema, ckpt_dir, step + 1, rank, t.keep_ckpts, cfg, bad_steps, position)
     bar.close()
+    board.close()
     export_dir = out / "export"
     if rank == 0:
         export_run(cfg, stage, ema, export_dir)

@@ -10,11 +10,15 @@ import torch
 
 from cascade.data.natural import HELDOUT_PHOTOS, TRAIN_PHOTOS, camera_clip, natural_clips, photo
 
+needs_skimage = pytest.mark.skipif(__import__("importlib").util.find_spec("skimage") is None,
+                                   reason="the optional extra: pip install -e '.[natural]'")
+
 
 def rows(path):
     return list(csv.DictReader(open(path)))
 
 
+@needs_skimage
 def test_clips_are_deterministic_and_held_out_photographs_stay_out(tmp_path):
     a = natural_clips(tmp_path / "a", seed=3, per_photo=1, heldout_per_photo=1, progress=False)
     b = natural_clips(tmp_path / "b", seed=3, per_photo=1, heldout_per_photo=1, progress=False)
@@ -54,6 +58,7 @@ def test_a_missing_package_or_program_is_one_line(tmp_path, monkeypatch):
         lavfi_clips(tmp_path)
 
 
+@needs_skimage
 def test_mix_synthetic_replaces_a_share_of_samples(tmp_path):
     from cascade.config import load_config
     from cascade.data import build_dataset

@@ -1,0 +1,61 @@
+"""Training dashboards (cascade/dashboard.py): TensorBoard event files read back, sample sheets
+from the EMA weights, no duplicate steps after a resume, and cascade plot of two runs."""
+import shutil
+
+import pytest
+
+from tests.test_stages_cascade import assets, stage_cfg  # noqa: F401  (module fixture)
+from tests.test_train import REPO, TINY_VAE
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
+
+
+def scalars(run, tag="train/loss"):
+    """[(step, value)] of one tag, read back from the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)], acc
+
+
+def vae_cfg(out, extra=()):
+    from cascade.config import load_config
+    return load_config(REPO / "configs/tiny/vae.yaml", [*TINY_VAE, f"train.out_dir={out}",
+                                                        "train.schedule=constant", *extra])
+
+
+def test_event_files_and_sample_sheets(tmp_path):
+    from cascade.train import train
+    train(vae_cfg(tmp_path, ["train.steps=4", "train.sample_every=2"]), progress=False)
+    loss, acc = scalars(tmp_path)
+    assert [s for s, _ in loss] == [1, 2, 3, 4]
+    tags = acc.Tags()
+    assert {"train/lr", "train/samples_per_s", "train/skipped", "train/l1"} <= set(tags["scalars"])
+    assert [e.step for e in acc.Images("samples")] == [2, 4]
+    assert (tmp_path / "samples" / "step000002.png").is_file()
+
+
+def test_resume_appends_without_duplicate_steps(tmp_path):
+    """A run killed after logging steps past its last checkpoint (here: the step-4 checkpoint
+    removed) resumes from step 2; its event files then hold each step once."""
+    from cascade.train import train
+    train(vae_cfg(tmp_path, ["train.steps=4", "train.ckpt_every=2"]), progress=False)
+    shutil.rmtree(tmp_path / "checkpoints" / "step4")
+    (tmp_path / "checkpoints" / "latest").write_text("step2")
+    train(vae_cfg(tmp_path, ["train.steps=6", "train.ckpt_every=2"]), progress=False)
+    loss, _ = scalars(tmp_path)
+    assert [s for s, _ in loss] == [1, 2, 3, 4, 5, 6]
+
+
+def test_base_preview_and_cascade_plot(assets, tmp_path, capsys):  # noqa: F811
+    from cascade.cli import main
+    from cascade.train import train
+    for name in ("a", "b"):
+        train(stage_cfg("base", assets, [f"train.out_dir={tmp_path / name}", "train.steps=2",
+                                         "train.sample_every=2", "train.log_every=1"]), progress=False)
+    assert (tmp_path / "a" / "samples" / "step000002.png").is_file()
+    out = tmp_path / "loss.png"
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert main(["plot", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert "no log.csv" in capsys.readouterr().err
