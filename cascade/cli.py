@@ -489,7 +489,8 @@ def eval_task(args, cc, prompts, device) -> None:
     from cascade.video_io import contact_sheet
     report = evaluate_task(find_stages(args, cc, {"vae", "base"}, train=False), args.task, prompts,
                            args.seed, resolve_sampling(args, cc), device, args.frames,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, methods=tuple(args.edit_methods.split(",")),
+                           tune_steps=args.tune_steps)
     summary = report["summary"] if args.task == "edit" else {args.task: report["summary"]}
     cols = sorted({k for row in summary.values() for k in row})
     print("| " + " | ".join(["run", *cols]) + " |\n|" + "---|" * (len(cols) + 1))
@@ -676,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to measure: text to video (default), or a frame-prompted task "
                         "(cascade/evaluate_tasks.py)")
     e.add_argument("--frames", type=int, help="--task long: the videos' frame count")
+    e.add_argument("--edit-methods", default="sdedit,inversion,tuned", help="--task edit: "
+                   "comma-separated sdedit, inversion, tuned (Tune-A-Video: a LoRA per clip first)")
+    e.add_argument("--tune-steps", type=int, default=100, help="--task edit, tuned: LoRA steps per clip")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
     c = sub.add_parser("cache", help="encode a stage's data set once (VAE latents + text) for "

@@ -14,8 +14,13 @@ connect joins, the clip edit changes), the cascade runs, and the video written i
     drift        extend, long: the object's mean colour over the last 8 frames against the first
                  8 (8-bit levels; the target is <= 10)
     moves        i2v, loop: the object moves (not a still video) the way the prompt says
-    edit         per strength: the edited attribute reads as the new prompt's, the others as the
-                 source's, and the track's mean distance from the source's (fraction of the side)
+    edit         per method and strength: the edited attribute reads as the new prompt's, the
+                 others as the source's, and the track's mean distance from the source's
+                 (fraction of the side). Methods (EDIT_METHODS): sdedit (the clip noised with fresh
+                 noise to S, a curve over EDIT_STRENGTHS), inversion (its keyframes DDIM-inverted
+                 with its own caption, sampled back with DDIM and the edited prompt), tuned
+                 (inversion after Tune-A-Video's one-shot tuning: a LoRA fitted to the clip first,
+                 cascade/tuning.py)
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from cascade.evaluate import FACTORS, analyse
 
 TASKS = ("i2v", "extend", "connect", "loop", "long", "edit")
 EDIT_STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
+EDIT_METHODS = ("sdedit", "inversion", "tuned")
 EDITS = ("colour", "shape", "background", "direction")
 
 
@@ -106,7 +112,7 @@ def track(video: torch.Tensor) -> torch.Tensor | None:
 
 
 def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, length: int | None,
-             strength: float | None = None, edit: str | None = None) -> dict:
+             strength: float | None = None, edit: str | None = None, method: str = "sdedit") -> dict:
     """One video of `task` for `prompt` -> its measures (see the module docstring)."""
     H, W = (s * pipe.vae.spatial_factor * (pipe.sr.cfg.sr.scale if pipe.sr is not None else 1)
             for s in pipe.latent_size_for(None, None))
@@ -149,7 +155,13 @@ def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, le
     else:                                                                  # edit
         src = truth(prompt, clip_len, H, W, rate, seed, i)
         new = edited_prompt(prompt, edit, np.random.default_rng((seed, 23, i)))
-        v = pipe(new, conditions=Conditions.edit(src, strength), **kw).video[0]
+        inv = "none" if method == "sdedit" else "ddim"
+        if inv == "ddim":                                                  # inversion's inverse
+            from dataclasses import replace
+
+            from cascade.sampling import StageSampling
+            kw["base"] = replace(StageSampling.of(kw.get("base")), sampler="ddim")
+        v = pipe(new, conditions=Conditions.edit(src, strength, inv, prompt), **kw).video[0]
         want, got, orig = parse_caption(new), analyse(v, rate), parse_caption(prompt)
         key = "motion" if edit == "direction" else edit
         others = [f for f in FACTORS if f != key]
@@ -188,11 +200,60 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def _groups(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["method"], r["edit"], r["strength"]), []).append(r)
+    return out
+
+
+def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress) -> list[dict]:
+    """Every prompt's clip edited in each attribute by each method (see the module docstring)."""
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from cascade.pipeline import Pipeline, stage_folder
+    from cascade.tuning import tune
+    from cascade.video_io import write_mp4
+    rows = []
+    bar = tqdm(total=len(prompts) * len(EDITS) * sum(len(EDIT_STRENGTHS) if m == "sdedit" else 1
+                                                     for m in methods), desc="eval edit",
+               disable=not progress)
+    for i, p in enumerate(prompts):
+        tuned = None
+        for method in methods:
+            target = pipe
+            if method == "tuned":                                          # one LoRA per clip
+                with tempfile.TemporaryDirectory() as tmp:
+                    H, W = (x * pipe.vae.spatial_factor * (pipe.sr.cfg.sr.scale if pipe.sr else 1)
+                            for x in pipe.latent_size_for(None, None))
+                    passes = 1 if pipe.interp is not None else 0
+                    rate = pipe.interp.cfg.interp.rate if passes else 1
+                    clip_len = pipe.reachable(1 + rate * (pipe.base_cfg.dit.frames - 1), passes)
+                    clip = truth(p, clip_len, H, W, rate, seed, i)           # the clip run_task edits
+                    video = write_mp4(clip, f"{tmp}/clip.mp4", fps=pipe.fps * rate)
+                    adapter = tune(video, p, f"{tmp}/adapter", stage_folder(folder, "base"),
+                                   stage_folder(folder, "vae"), steps=tune_steps, seed=seed,
+                                   progress=False)
+                    tuned = Pipeline(folder, pipe.device, adapters=[str(adapter)])
+                target = tuned
+            for e in EDITS:
+                for s in (EDIT_STRENGTHS if method == "sdedit" else (1.0,)):
+                    rows.append({**run_task(target, "edit", p, i, seed, dict(kw), None, s, e, method),
+                                 "strength": s, "edit": e, "method": method})
+                    bar.update()
+    bar.close()
+    return rows
+
+
 def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling: dict | None = None,
-                  device="cpu", length: int | None = None, progress: bool = True) -> dict:
+                  device="cpu", length: int | None = None, progress: bool = True,
+                  methods=EDIT_METHODS, tune_steps: int = 100) -> dict:
     """Every prompt through `task` on the cascade in `folder` -> {"rows": per video, "summary":
-    means, "videos": the first 8 videos (for a contact sheet)}; edit: one summary per attribute
-    and strength (the curve over S)."""
+    means, "videos": the first 8 videos (for a contact sheet)}; edit: one summary per method,
+    attribute and strength (sdedit: the curve over S; inversion and tuned: from S = 1). tuned
+    fits a LoRA (`tuning.tune`, tune_steps) to each clip first."""
     from tqdm.auto import tqdm
 
     from cascade.pipeline import Pipeline
@@ -200,16 +261,13 @@ def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling
         raise ValueError(f"--task: '{task}' is not one of t2v, {', '.join(TASKS)}")
     pipe = Pipeline(folder, device)
     kw = {k: v for k, v in (sampling or {}).items() if v is not None}
-    jobs = [(p, i, s, e) for e in (EDITS if task == "edit" else [None])
-            for s in (EDIT_STRENGTHS if task == "edit" else [None]) for i, p in enumerate(prompts)]
-    rows = []
-    for p, i, s, e in tqdm(jobs, desc=f"eval {task}", disable=not progress):
-        rows.append({**run_task(pipe, task, p, i, seed, kw, length, s, e), "strength": s, "edit": e})
-    videos = [r.pop("video") for r in rows if "video" in r][:8]
-    if task == "edit":
-        summary = {f"{e} S={s}": summarise([r for r in rows if r["edit"] == e and r["strength"] == s])
-                   for e in EDITS for s in EDIT_STRENGTHS}
-    else:
+    if task != "edit":
+        rows = [{**run_task(pipe, task, p, i, seed, kw, length)}
+                for i, p in enumerate(tqdm(prompts, desc=f"eval {task}", disable=not progress))]
         summary = summarise(rows)
+    else:
+        rows = edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress)
+        summary = {f"{m} {e} S={s}": summarise(g) for (m, e, s), g in _groups(rows).items()}
+    videos = [r.pop("video") for r in rows if "video" in r][:8]
     return {"task": task, "seed": seed, "rows": rows, "summary": summary, "videos": videos,
             "prompts": [r["prompt"] for r in rows][:8]}
