@@ -491,7 +491,7 @@ def eval_task(args, cc, prompts, device) -> None:
                            args.seed, resolve_sampling(args, cc), device, args.frames,
                            progress=not args.no_progress, methods=tuple(args.edit_methods.split(",")),
                            tune_steps=args.tune_steps)
-    summary = report["summary"] if args.task == "edit" else {args.task: report["summary"]}
+    summary = report["summary"] if args.task in ("edit", "invert") else {args.task: report["summary"]}
     cols = sorted({k for row in summary.values() for k in row})
     print("| " + " | ".join(["run", *cols]) + " |\n|" + "---|" * (len(cols) + 1))
     for name, row in summary.items():
@@ -673,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lpips", choices=("auto", "pretrained", "random", "off"), default="auto",
                    help="LPIPS trunk: auto = ImageNet VGG when in the torch hub cache, else random")
     e.add_argument("--task", default="t2v", choices=("t2v", "i2v", "extend", "connect", "loop",
-                                                      "long", "edit"),
+                                                      "long", "edit", "invert"),
                    help="what to measure: text to video (default), or a frame-prompted task "
                         "(cascade/evaluate_tasks.py)")
     e.add_argument("--frames", type=int, help="--task long: the videos' frame count")

@@ -14,6 +14,10 @@ connect joins, the clip edit changes), the cascade runs, and the video written i
     drift        extend, long: the object's mean colour over the last 8 frames against the first
                  8 (8-bit levels; the target is <= 10)
     moves        i2v, loop: the object moves (not a still video) the way the prompt says
+    invert       DDIM inversion of a clip's keyframes with its caption, then DDIM sampling back
+                 with the same prompt (the base alone, guidance 1), at INVERT_STEPS steps: the
+                 round trip's latent SNR (dB) against the clip's keyframe latents and the decoded
+                 keyframes' PSNR against the VAE's own reconstruction of them
     edit         per method and strength: the edited attribute reads as the new prompt's, the
                  others as the source's, and the track's mean distance from the source's
                  (fraction of the side). Methods (EDIT_METHODS): sdedit (the clip noised with fresh
@@ -34,7 +38,8 @@ from cascade.data.synthetic import (BACKGROUNDS, COLOURS, SHAPES, make_caption, 
                                     place, render)
 from cascade.evaluate import FACTORS, analyse
 
-TASKS = ("i2v", "extend", "connect", "loop", "long", "edit")
+TASKS = ("i2v", "extend", "connect", "loop", "long", "edit", "invert")
+INVERT_STEPS = (10, 25, 50, 100)
 EDIT_STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
 EDIT_METHODS = ("sdedit", "inversion", "tuned")
 EDITS = ("colour", "shape", "background", "direction")
@@ -200,6 +205,33 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+@torch.no_grad()
+def invert_rows(pipe, prompts: list[str], seed: int, steps=INVERT_STEPS, progress: bool = True) -> list[dict]:
+    """`invert` (see the module docstring): per prompt and step count, the round trip's errors."""
+    from tqdm.auto import tqdm
+
+    from cascade.sampling import StageSampling
+    from cascade.stages import downsample_video
+    base, vae = pipe.base, pipe.vae
+    d = base.cfg.data
+    rows = []
+    for i, p in enumerate(tqdm(prompts, desc="eval invert", disable=not progress)):
+        clip = truth(p, d.frames, d.height, d.width, 1.0, seed, i)[None]    # keyframes at the base's rate
+        z = vae.encode_latents(clip)                                       # (1, Cz, Kb, h, w)
+        ref = vae.decode_latents(z).clamp(-1, 1)
+        cond, uncond = base.encode_text([p])
+        for n in steps:
+            sampling = StageSampling(n, 1.0, "ddim")
+            noise = base.invert(z, cond, uncond, sampling)
+            back = base.sample(z.shape, cond, uncond, sampling, None, False, start=(noise, 1.0, True))
+            err = (back - z).square().mean()
+            rows.append({"prompt": p, "steps": n,
+                         "latent_snr_db": float(10 * torch.log10(z.square().mean() / err.clamp_min(1e-12))),
+                         "psnr_db": psnr(vae.decode_latents(back).clamp(-1, 1), ref),
+                         "noise_std": float(noise.std())})
+    return rows
+
+
 def _groups(rows: list[dict]) -> dict:
     out: dict = {}
     for r in rows:
@@ -261,7 +293,10 @@ def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling
         raise ValueError(f"--task: '{task}' is not one of t2v, {', '.join(TASKS)}")
     pipe = Pipeline(folder, device)
     kw = {k: v for k, v in (sampling or {}).items() if v is not None}
-    if task != "edit":
+    if task == "invert":
+        rows = invert_rows(pipe, prompts, seed, progress=progress)
+        summary = {f"{n} steps": summarise([r for r in rows if r["steps"] == n]) for n in INVERT_STEPS}
+    elif task != "edit":
         rows = [{**run_task(pipe, task, p, i, seed, kw, length)}
                 for i, p in enumerate(tqdm(prompts, desc=f"eval {task}", disable=not progress))]
         summary = summarise(rows)
