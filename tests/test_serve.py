@@ -158,3 +158,26 @@ def test_load_all_requests_complete_in_order_and_memory_returns(server):
     gc.collect()
     malloc_trim()
     assert rss_mib() < before + 64, (before, rss_mib())
+
+
+if __name__ == "__main__":                 # python -m tests.test_serve SHOT.png [STAGES]: the docs picture
+    import sys as _sys
+    from cascade.serve import serve
+    port = free_port()
+    app, studio = serve(_sys.argv[2] if len(_sys.argv) > 2 else "weights/tiny",
+                        {"base": {"steps": 50, "guidance": 2.5, "sampler": "euler_ancestral"},
+                         "interp": {"steps": 8, "guidance": 1.0}, "sr": {"steps": 3, "guidance": 1.0}},
+                        port=port, block=False)
+    CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+    from selenium.webdriver.common.by import By
+    d = chrome()
+    d.get(f"http://127.0.0.1:{port}")
+    box = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#prompt textarea"), 60)[0]
+    d.find_element(By.CSS_SELECTOR, "#go-text").click()
+    wait_for(lambda: d.execute_script(
+        "const v = document.querySelector('#result video'); return v && v.duration > 0"), 300)
+    time.sleep(1.5)
+    d.save_screenshot(_sys.argv[1])
+    d.quit()
+    app.close()
+    print(f"wrote {_sys.argv[1]}")
