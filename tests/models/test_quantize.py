@@ -42,20 +42,23 @@ def test_codes_are_discrete_and_gradients_pass_straight_through(bottleneck):
 
 @pytest.mark.parametrize("bottleneck", ["kl", "vq", "fsq"])
 def test_train_resume_export(bottleneck, tmp_path, capsys):
-    """Each bottleneck trains (usage and perplexity logged for vq / fsq), a run stopped at step 3
-    and resumed to 6 ends as the uninterrupted run, and the export records held-out usage."""
+    """Each bottleneck trains (usage and perplexity logged for vq / fsq) and exports with the
+    held-out usage; vq, whose dead-code restarts draw random numbers, is also stopped at step 3
+    and resumed to 6, ending as the uninterrupted run."""
     from safetensors.torch import load_file
 
     from cascade.train import train
     extra = ["train.ckpt_every=3", "train.schedule=constant", "vae.min_code_usage=1.0"]
-    full = train(cfg_for(bottleneck, [*extra, "train.steps=6", f"train.out_dir={tmp_path / 'a'}"]),
+    steps = 6 if bottleneck == "vq" else 3
+    full = train(cfg_for(bottleneck, [*extra, f"train.steps={steps}", f"train.out_dir={tmp_path / 'a'}"]),
                  progress=False)
-    train(cfg_for(bottleneck, [*extra, "train.steps=3", f"train.out_dir={tmp_path / 'b'}"]), progress=False)
-    again = train(cfg_for(bottleneck, [*extra, "train.steps=6", f"train.out_dir={tmp_path / 'b'}"]),
-                  progress=False)
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(again / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    if bottleneck == "vq":
+        train(cfg_for(bottleneck, [*extra, "train.steps=3", f"train.out_dir={tmp_path / 'b'}"]), progress=False)
+        again = train(cfg_for(bottleneck, [*extra, "train.steps=6", f"train.out_dir={tmp_path / 'b'}"]),
+                      progress=False)
+        a, b = load_file(str(full / "model.safetensors")), load_file(str(again / "model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     rows = read_log(tmp_path / "a" / "log.csv")
     said = capsys.readouterr().out
     if bottleneck == "kl":
