@@ -4,7 +4,7 @@
 
 A long video (cascade sample --frames N beyond the base's clip) is made window by window: base
 keyframes in windows of dit.frames with cond.k_max keyframes of context (BaseStage.sample_windows),
-interp in groups of K keyframes, the VAE decode in windows of 32 latent frames with 16 of context,
+interp in groups of K keyframes, the VAE decode in windows of 16 latent frames with 16 of context,
 SR in windows of sr.window frames; so time should grow linearly with the frames (seconds per
 output frame flat, within 1.3x across the counts) and peak memory should stay flat. Stages: the
 embedded default's networks randomly initialised (the base with dit.cond_frames=true; cost does
@@ -59,6 +59,7 @@ def main(argv=None):
             rows.append({"frames": res.video.shape[2], "keyframes": res.stages["keyframes_latent"].shape[2],
                          "s": sec, "s/frame": sec / res.video.shape[2],
                          **{f"{k} s": v for k, v in res.timings.items()},
+                         **{f"{k} MiB": v / 2**20 for k, v in res.memory.items()},
                          "peak MiB": max(res.memory.values()) / 2**20})
             print(f"  {n} frames: {sec:.2f} s, {rows[-1]['s/frame']:.3f} s/frame", flush=True)
     per_frame = [r["s/frame"] for r in rows]

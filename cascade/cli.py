@@ -411,8 +411,8 @@ def cmd_sample(args) -> None:
                     adapters=[parse_adapter_arg(a) for a in args.adapter or []])
     per_stage = resolve_sampling(args, cc)
     passes = args.interp_passes if args.interp_passes is not None else (1 if pipe.interp else 0)
-    conditions = conditions_from_args(args, frame_prompt, pipe.fps * (
-        pipe.interp.cfg.interp.rate ** passes if passes else 1))
+    rate = pipe.interp.cfg.interp.rate if pipe.interp is not None else 1
+    conditions = conditions_from_args(args, frame_prompt, pipe.fps * rate ** passes)
     if args.image_guidance is not None:
         per_stage["base"].image_guidance = args.image_guidance
     short = {}                                         # extended prompt -> the user's prompt

@@ -240,21 +240,22 @@ def blend_weights(T: int, window: int, overlap: int) -> tuple[list[int], torch.T
     return starts, torch.stack([ramp / total[s:s + window] for s in starts])       # (n, window)
 
 
-def windowed(fn, video: torch.Tensor, window: int, overlap: int) -> torch.Tensor:
+def windowed(fn, video: torch.Tensor, window: int, overlap: int, with_start: bool = False) -> torch.Tensor:
     """Apply fn ((B, C, Tw, ...) -> (B, C', Tw, ...)) to overlapping temporal windows of video
     (B, C, T, ...) and cross-fade the results with blend_weights, so long videos are processed in
     clips without seams (fn may change channels and frame size, not the frame count).
-    T <= window: one call on the whole video."""
+    T <= window: one call on the whole video. with_start: fn(window, its first frame's index)."""
     if window < 1 or not 0 <= overlap < window:
         raise ValueError(f"windowed: need window >= 1 and 0 <= overlap < window, "
                          f"got window={window}, overlap={overlap}")
     T = video.shape[2]
+    call = (lambda x, s: fn(x, s)) if with_start else (lambda x, s: fn(x))  # noqa: E731
     if T <= window:
-        return fn(video)
+        return call(video, 0)
     starts, weights = blend_weights(T, window, overlap)                  # (n, window)
     out = None
     for s, w in zip(starts, weights):
-        y = fn(video[:, :, s:s + window])                                # (B, C', window, ...)
+        y = call(video[:, :, s:s + window], s)                           # (B, C', window, ...)
         if y.shape[2] != window:
             raise ValueError(f"windowed: fn returned {y.shape[2]} frames for a {window}-frame window")
         if out is None:

@@ -84,6 +84,7 @@ class InterpStage(BaseStage):
 
     name, network = "interp", "dit"
     cond_keys = CACHED_TEXT + FRAME_KEYS
+    GROUPS_PER_CALL = 8        # sampling: groups per network batch (a long video's memory stays flat)
 
     def __init__(self, cfg: StageConfig, device="cpu"):
         if not cfg.dit.cond_frames:
@@ -155,14 +156,21 @@ class InterpStage(BaseStage):
         per_group = torch.arange(B, device=keys.device).repeat_interleave(G)
         c = {**{k: v[per_group] for k, v in cond.items()}, **frames}
         u = {**{k: v[per_group] for k, v in uncond.items()}, **frames}   # only the text nulled
-        noise = _randn((B * G, C, N, h, w), keys, generator)            # G rows from each video's stream
         keep = None
         if known is not None:                      # each group's slice of the given frames
             lat, mask = known[0].to(keys), known[1].to(keys)[:, None, :, None, None]
             span = lambda x: torch.stack([x[:, :, s * r:s * r + N] for s in starts], 1).flatten(0, 1)  # noqa: E731
             keep = (self.to_target(span(lat), group(keys)), span(mask))
-        filled = self.from_target(self.denoise(noise, c, u, sampling, generator, progress,
-                                               known=keep), group(keys)).view(B, G, C, N, h, w)
+        filled = []                                # GROUPS_PER_CALL groups a call: flat memory
+        for g0 in range(0, G, self.GROUPS_PER_CALL):
+            gs = range(g0, min(G, g0 + self.GROUPS_PER_CALL))
+            rows = torch.tensor([b * G + g for b in range(B) for g in gs], device=keys.device)
+            noise = _randn((len(rows), C, N, h, w), keys, generator)    # len(gs) rows from each video's stream
+            pick = lambda d: {k: v[rows] for k, v in d.items()}          # noqa: E731
+            kc = (keep[0][rows], keep[1][rows]) if keep is not None else None
+            y = self.denoise(noise, pick(c), pick(u), sampling, generator, progress, known=kc)
+            filled.append(self.from_target(y, group(keys)[rows]).view(B, len(gs), C, N, h, w))
+        filled = torch.cat(filled, 1)                                    # (B, G, C, N, h, w)
         video = keys.new_zeros(B, C, (n - 1) * r + 1, h, w)
         covered = 0                                                      # frames [0, covered) written
         for g, s in enumerate(starts):

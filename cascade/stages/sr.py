@@ -106,31 +106,43 @@ class SRStage(DiffusionStage):
         """Video (B, 3, T, H, W) -> (B, 3, T, sH, sW) in [-1, 1]: upsampled (`upsample`),
         noise-augmented to sr.aug_sample (aug_t given to the net; the unconditional branch nulls
         only the text), and sampled in overlapping temporal windows of sr.window frames
-        (sr.overlap shared, cross-faded by `windowed`), one noise video sliced per window.
+        (sr.overlap shared, cross-faded by `windowed`); each frame's noise from its own stream
+        (seeded per video from `generator`), the upsampling and augmentation made per window.
 
         known: (frames (B, 3, T, sH, sW), mask (B, T)): full-resolution frames a frame prompt
         gives (cascade/conditions.py). The sampler keeps them on its path (`keep_known`, so the
         frames beside them are made seeing them) and they are the output's frames there."""
-        from cascade.diffusion import _randn
         from cascade.models.unet import windowed
+        from cascade.seeding import stream_seed
         s = self.cfg.sr
-        up = self.upsample(video)                                          # (B, 3, T, sH, sW)
-        lowres, aug_t = self.diffusion.noise_augment(up, s.aug_sample, generator=generator)
-        noise = _randn(up.shape, up, generator)                            # sliced per window
-        parts = [lowres, noise]
-        if known is not None:                      # the given frames' target, and their mask
-            mask = known[1].to(up)[:, None, :, None, None].expand(-1, 1, -1, *up.shape[3:])
-            parts += [self.to_target(known[0].to(up), up), mask]
+        B, _, T, H, W = video.shape
+        shape = (6, H * s.scale, W * s.scale)      # a frame's augmentation (0-2) and sampling noise
+        # every frame's noise comes from its own stream, seeded once per video from `generator`:
+        # a frame two windows share sees the same noise in both, and nothing the length of the
+        # video is held but the output (memory stays flat as videos grow)
+        draw = getattr(generator, "gens", None) or [generator] * B
+        seeds = [int(torch.randint(2 ** 62, (1,), generator=g)) for g in draw]
+        level = torch.full((B,), float(s.aug_sample), device=video.device)
 
-        def clip(x):                                                       # (B, 6 (+4), Tw, sH, sW)
-            low, z = x[:, :3].contiguous(), x[:, 3:6].contiguous()
-            extra = {"lowres": low, "aug_t": aug_t}
-            keep = (x[:, 6:9], x[:, 9:10]) if known is not None else None
-            return self.denoise(z, {**cond, **extra}, {**uncond, **extra}, sampling, generator,
-                                progress, known=keep)
+        def clip(frames, start):                                           # (B, 1, Tw, 1, 1) placeholder
+            Tw = frames.shape[2]
+            noise = torch.stack([torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+                stream_seed(seed, start + t))) for t in range(Tw)], 1) for seed in seeds]).to(video)
+            up = self.upsample(video[:, :, start:start + Tw])              # (B, 3, Tw, sH, sW)
+            alpha, sigma = self.diffusion._alpha_sigma(level, up)
+            low = up if s.aug_sample == 0 else alpha * up + sigma * noise[:, :3]   # noise_augment
+            extra = {"lowres": low, "aug_t": level}
+            keep = None
+            if known is not None:                  # the given frames' target, and their mask
+                m = known[1][:, start:start + Tw].to(up)[:, None, :, None, None]
+                keep = (self.to_target(known[0][:, :, start:start + Tw].to(up), up), m)
+            y = self.denoise(noise[:, 3:].contiguous(), {**cond, **extra}, {**uncond, **extra},
+                             sampling, generator, progress, known=keep)
+            return self.from_target(y, up)
 
-        out = self.from_target(windowed(clip, torch.cat(parts, 1), s.window, s.overlap), up).clamp(-1, 1)
-        if known is not None:
-            m = known[1].to(out)[:, None, :, None, None]
-            out = m * known[0].to(out) + (1 - m) * out
+        out = windowed(clip, video.new_zeros(B, 1, T, 1, 1), s.window, s.overlap, with_start=True)
+        out.clamp_(-1, 1)
+        if known is not None:                      # the given frames themselves
+            for b, t in known[1].bool().nonzero().tolist():
+                out[b, :, t] = known[0][b, :, t].to(out)
         return out
