@@ -59,3 +59,19 @@ def test_base_preview_and_cascade_plot(assets, tmp_path, capsys):  # noqa: F811
     assert out.stat().st_size > 0
     assert main(["plot", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert "no log.csv" in capsys.readouterr().err
+
+
+def test_cascade_export_of_a_checkpoint(tmp_path, capsys):
+    """cascade export RUN [--step N] --out DIR: a checkpoint's EMA weights as an export a stage
+    loads; a missing run or step is one line."""
+    from cascade.cli import main
+    from cascade.stages import load_export
+    from cascade.train import train
+    train(vae_cfg(tmp_path / "run", ["train.steps=2", "train.ckpt_every=1", "train.keep_ckpts=2"]),
+          progress=False)
+    assert main(["export", str(tmp_path / "run"), "--step", "1", "--out", str(tmp_path / "e1")]) == 0
+    cfg, state = load_export(tmp_path / "e1")
+    assert cfg.stage == "vae" and "latent_scale" in (tmp_path / "e1" / "metrics.json").read_text()
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--step", "9", "--out", str(tmp_path / "e9")]) == 2
+    assert "no complete checkpoint step9" in capsys.readouterr().err
