@@ -1,6 +1,6 @@
 """Benchmark: seconds per video of each stage and of the whole cascade, prompt to final frames.
 
-    python -m benchmarks.bench_sample [--smoke] [--reps 1] [--sizes tiny,larger] [--stages DIR]
+    python -m benchmarks.bench_sample [--smoke] [--reps 1] [--sizes tiny,larger] [--stages DIR ...]
 
 Runs cascade.pipeline.Pipeline (text -> base keyframes -> interp -> VAE decode -> SR) with the
 embedded default's sampling settings (configs/cascade/tiny_full.yaml: base 25 DPM-Solver++(2M)
@@ -79,8 +79,9 @@ def main(argv=None):
     p = bench_args(__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=1, help="timed calls per size (best of, per stage)")
     p.add_argument("--sizes", default="tiny,larger", help="comma-separated: tiny, larger")
-    p.add_argument("--stages", type=Path, default=None,
-                   help="a stages folder of trained stages to time instead of random ones (one size)")
+    p.add_argument("--stages", type=Path, action="append", default=None,
+                   help="a stages folder of trained stages to time instead of random ones; repeat to "
+                        "time several side by side in one run (e.g. the shipped weights and new ones)")
     p.add_argument("--cascade", type=Path, default=REPO / "configs" / "cascade" / "tiny_full.yaml",
                    help="cascade YAML whose sample section sets the steps and guidance")
     args = parse_args(p, argv)
@@ -93,7 +94,8 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.stages is not None:
-            rows += run_size(f"{args.stages}", args.stages, settings, args.reps, device)
+            for folder in args.stages:
+                rows += run_size(f"{folder}", folder, settings, args.reps, device)
         else:
             for size in sizes:
                 folder = random_stages(Path(tmp) / size, size)
