@@ -62,7 +62,7 @@ def stage_step(name: str, overrides: list[str]):
         stage = VAEStage(cfg)
         video = torch.rand(B, 3, d.frames, d.height, d.width, generator=g) * 2 - 1
         noise = torch.randn(B, *stage.net.latent_shape(d.frames, d.height, d.width), generator=g)
-        return cfg, stage.net, {"video": video, "noise": noise}, \
+        return cfg, stage.net, {"video": video, "noise": noise, "seed": torch.tensor(0)}, \
             lambda net, x: stage.loss(net, x)[0], d.frames * d.height * d.width
     from cascade.diffusion import Diffusion
     diffusion = Diffusion(cfg.diffusion)

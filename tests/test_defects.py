@@ -284,7 +284,9 @@ class NoPipeline:
 
 
 def fake_pipeline(video):
-    class Fake:
+    class Fake:                                        # what the CLI reads of a Pipeline
+        interp, fps = None, 8.0
+
         def __init__(self, *a, **k):
             pass
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from cascade.cli import main, read_prompts, writable_folder
 from cascade.data.video_folder import VideoFolder, read_manifest
+from cascade.diffusion import SAMPLERS
 from cascade.pipeline import MAX_FRAMES, MAX_GUIDANCE, MAX_STEPS, MAX_VIDEOS, Pipeline, StageSampling
 from cascade.text import check_prompts, has_text
 from test_pipeline import stages  # noqa: F401  (fixture, reused)
@@ -104,7 +105,7 @@ def bad_float(v):
 
 @FUZZ
 @given(steps=numbers, guidance=guidances, frames=numbers, videos=numbers, batch=numbers,
-       stage=st.sampled_from(["base", "interp", "sr"]), sampler=st.sampled_from([None, "ddim", "euler", ""]))
+       stage=st.sampled_from(["base", "interp", "sr"]), sampler=st.sampled_from([None, "ddim", "euler", "heun", "euler_maruyama", ""]))
 def test_api_sampling_numbers_are_checked_before_sampling(stages, steps, guidance, frames, videos, batch, stage,  # noqa: F811
                                                           sampler):
     pipe = api_pipeline(stages)
@@ -114,7 +115,7 @@ def test_api_sampling_numbers_are_checked_before_sampling(stages, steps, guidanc
     out, err = refused(run_until_sampling, pipe, "a red circle", **kwargs)
     bad = [bad_int(kwargs["num_videos"], MAX_VIDEOS), bad_int(kwargs["batch_size"], MAX_VIDEOS),
            bad_int(frames, MAX_FRAMES), bad_int(steps, MAX_STEPS), bad_float(guidance),
-           sampler is not None and sampler not in ("ddim", "dpmpp_2m", "euler_ancestral")]
+           sampler is not None and sampler not in SAMPLERS]
     if any(bad):
         assert out is None, kwargs
         first = ["num_videos", "batch_size", "frames", "steps", f"{stage}.guidance", f"{stage}.sampler"][bad.index(True)]
