@@ -191,9 +191,21 @@ def cmd_edit(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    """`cascade plot RUN... --out loss.png`: loss curves from the runs' log.csv."""
-    from cascade.dashboard import plot_runs
-    print(f"wrote {plot_runs(args.runs, args.out, tuple(args.columns.split(',')), args.smooth)}")
+    """`cascade plot RUN... --out loss.png`: loss curves from the runs' log.csv; with
+    `--eval STEP=EVAL_DIR ...`: the eval's accuracies against training steps."""
+    from cascade.dashboard import plot_eval_curve, plot_runs
+    if args.eval:
+        points = {}
+        for item in args.eval:
+            step, sep, folder = item.partition("=")
+            if not sep or not step.isdigit():
+                raise ValueError(f"--eval: '{item}' is not STEP=EVAL_DIR")
+            points[int(step)] = folder
+        print(f"wrote {plot_eval_curve(points, args.out)}")
+    elif not args.runs:
+        raise ValueError("cascade plot: give RUN folders or --eval STEP=EVAL_DIR")
+    else:
+        print(f"wrote {plot_runs(args.runs, args.out, tuple(args.columns.split(',')), args.smooth)}")
 
 
 def cmd_serve(args) -> None:
@@ -542,7 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--step", type=int, help="the checkpoint's step (default: the newest intact one)")
     ex.set_defaults(fn=cmd_export)
     pt = sub.add_parser("plot", help="loss curves of one or several runs to a PNG, from their log.csv")
-    pt.add_argument("runs", nargs="+", help="train.out_dir folders (or log.csv files)")
+    pt.add_argument("runs", nargs="*", help="train.out_dir folders (or log.csv files)")
+    pt.add_argument("--eval", action="append", metavar="STEP=EVAL_DIR",
+                    help="instead: a cascade eval --out folder at a training step (repeat: a curve)")
     pt.add_argument("--out", default="outputs/loss.png")
     pt.add_argument("--columns", default="loss,lr", help="comma-separated log.csv columns, a panel each")
     pt.add_argument("--smooth", type=int, default=20, help="running-mean window in steps")

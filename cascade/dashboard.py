@@ -172,3 +172,37 @@ def plot_runs(runs: list[str | Path], out: str | Path, columns=("loss", "lr"), s
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+
+def plot_eval_curve(points: dict[int, str | Path], out: str | Path,
+                    metrics=("colour", "shape", "motion", "one_object", "all")) -> Path:
+    """The eval's accuracies against training steps (the evidence that more steps still help,
+    issue 26): `points` maps a step to a `cascade eval --out` folder (its eval.json; the first
+    variant, the full cascade as evaluated)."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = {}
+    for step, folder in sorted(points.items()):
+        path = Path(folder) / "eval.json" if Path(folder).is_dir() else Path(folder)
+        if not path.is_file():
+            raise FileNotFoundError(f"cascade plot: no eval.json in {folder}")
+        rows[step] = json.loads(path.read_text())["variants"][0]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=100)
+    steps = list(rows)
+    for m in metrics:
+        ax.plot(steps, [rows[s][m] for s in steps], marker="o", label=m.replace("_", " "))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("fraction of prompts")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -75,3 +75,24 @@ def test_cascade_export_of_a_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(tmp_path / "run"), "--step", "9", "--out", str(tmp_path / "e9")]) == 2
     assert "no complete checkpoint step9" in capsys.readouterr().err
+
+
+def test_plot_of_eval_accuracies_against_steps(tmp_path, capsys):
+    """cascade plot --eval STEP=DIR ...: the eval's accuracies over training steps (issue 26's
+    curve); a folder without eval.json or a malformed item is one line."""
+    import json
+
+    from cascade.cli import main
+    for step, acc in ((1000, 0.5), (2000, 0.75)):
+        d = tmp_path / f"e{step}"
+        d.mkdir()
+        row = {m: acc for m in ("colour", "shape", "motion", "one_object", "all")}
+        (d / "eval.json").write_text(json.dumps({"variants": [row]}))
+    out = tmp_path / "curve.png"
+    assert main(["plot", "--eval", f"1000={tmp_path / 'e1000'}", "--eval", f"2000={tmp_path / 'e2000'}",
+                 "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert main(["plot", "--eval", f"3000={tmp_path}", "--out", str(out)]) == 2
+    assert "no eval.json" in capsys.readouterr().err
+    assert main(["plot", "--eval", "e1000", "--out", str(out)]) == 2
+    assert "not STEP=EVAL_DIR" in capsys.readouterr().err
