@@ -59,6 +59,10 @@ def test_train_resume_export(bottleneck, tmp_path, capsys):
         a, b = load_file(str(full / "model.safetensors")), load_file(str(again / "model.safetensors"))
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    from cascade.stages import load_vae
+    vae, _ = load_vae(full)                                                # the export loads as a stage
+    video = torch.rand(1, 3, 4, 16, 16) * 2 - 1
+    assert torch.isfinite(vae(video, sample=False)[0]).all()
     rows = read_log(tmp_path / "a" / "log.csv")
     said = capsys.readouterr().out
     if bottleneck == "kl":
