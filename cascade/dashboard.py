@@ -130,6 +130,17 @@ def read_log(path: Path) -> dict[str, list[float]]:
     return cols
 
 
+def save_figure(fig, out: str | Path) -> Path:
+    """Write a matplotlib figure to a PNG (its folder made) and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_runs(runs: list[str | Path], out: str | Path, columns=("loss", "lr"), smooth: int = 20) -> Path:
     """Loss curves (and the learning rate) of one or several runs (each a train.out_dir or its
     log.csv) side by side in one PNG: each column a panel, each run a line (a running mean of
@@ -166,12 +177,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, columns=("loss", "lr"), s
         if col == "loss":
             ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 
@@ -200,9 +206,4 @@ def plot_eval_curve(points: dict[int, str | Path], out: str | Path,
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
