@@ -389,7 +389,8 @@ class Pipeline:
         if (out.given or out.loop or out.source is not None) and not self.base.frame_prompts \
                 and out.source is None:
             raise ValueError(f"{conditions.task}: the base stage in {self.folder} was not trained "
-                             f"for frame prompts (dit.cond_frames=false); use one that was")
+                             f"for frame prompts (dit.cond_frames=false); use one that was, such as "
+                             f"--stages weights/tiny-flow")
         return out
 
     @torch.no_grad()
