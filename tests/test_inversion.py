@@ -11,9 +11,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 @pytest.mark.skipif(not (WEIGHTS / "base" / "model.safetensors").is_file(), reason="no weights/tiny")
 def test_round_trip_error_falls_as_steps_grow():
-    """Per clip the round trip need not improve at every step count: with the shipped flow base
-    the green square's latent SNR went 23.0, 14.3, 10.5, 9.8, 12.9, 22.0, 30.0 dB at 5, 10, 20,
-    40, 60, 100, 200 steps (the red circle's rose 25.3 -> 50.2 at each count), a round trip that
+    """Per clip the round trip need not improve at every step count: with the flow base
+    (weights/tiny-flow) the green square's latent SNR went 23.0, 14.3, 10.5, 9.8, 12.9, 22.0,
+    30.0 dB at 5, 10, 20, 40, 60, 100, 200 steps (the red circle's rose 25.3 -> 50.2 at each count), a round trip that
     lands near another sample and comes back as the steps shrink the inversion's error. What holds
     for every clip: many steps give the keyframes back better than few, and well."""
     from cascade.evaluate_tasks import invert_rows
