@@ -81,9 +81,13 @@ def chrome():
 
 
 def wait_for(fn, timeout=180, what=""):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     end = time.time() + timeout
     while time.time() < end:
-        got = fn()
+        try:
+            got = fn()
+        except (StaleElementReferenceException, NoSuchElementException):   # Gradio re-renders
+            got = None
         if got:
             return got
         time.sleep(0.5)
