@@ -43,7 +43,7 @@ class VAEStage:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent frames (B, Cz, T', h, w) -> pixel frames (B, 3, 1 + s(T'-1), H, W) in [-1, 1].
 
-        A long video (T' > 32, no temporal compression) is decoded in windows of
+        A long video (T' > DECODE_WINDOW + DECODE_HALO, no temporal compression) is decoded in windows of
         DECODE_WINDOW frames, each with the DECODE_HALO frames before it as context (the decoder
         is causal: a frame sees only earlier ones), so memory stays flat as videos grow. Measured
         on the tiny VAE: a change to one latent frame moves the decoded frame 16 frames later by
