@@ -381,16 +381,19 @@ def conditions_from_args(args, got, fps: float):
         return None
     video = resample_fps(*got["video"], fps) if got["video"] is not None else None
     if args.extend is not None:
-        return Conditions.extend(video, args.extend, args.backward)
-    if args.connect:
-        return Conditions.connect(video, resample_fps(*got["b"], fps))
-    if args.strength is not None:
-        return Conditions.edit(video, args.strength)
-    if args.loop:
-        return Conditions.loop(got["image"])
-    if got["image"] is None:
-        return Conditions("i2v", {-1: got["last"]})
-    return Conditions.image_to_video(got["image"], got["last"])
+        c = Conditions.extend(video, args.extend, args.backward)
+    elif args.connect:
+        c = Conditions.connect(video, resample_fps(*got["b"], fps))
+    elif args.strength is not None:
+        c = Conditions.edit(video, args.strength)
+    elif args.loop:
+        c = Conditions.loop(got["image"])
+    elif got["image"] is None:
+        c = Conditions("i2v", {-1: got["last"]})
+    else:
+        c = Conditions.image_to_video(got["image"], got["last"])
+    c.keep_input = bool(getattr(args, "keep_input", False))
+    return c
 
 
 def cmd_sample(args) -> None:
@@ -653,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--video to the start of this clip, written as one video")
     s.add_argument("--loop", action="store_true", help="a video that ends where it starts "
                    "(from --image when given)")
+    s.add_argument("--keep-input", action="store_true", help="write the given image / video frames "
+                   "unchanged (default: rendered by the VAE and SR like the cascade's own, so no "
+                   "join shows)")
     s.add_argument("--strength", type=float, help="edit --video (SDEdit): noise it to this level "
                    "in (0, 1] and denoise with the prompt; low keeps more of it")
     s.add_argument("--adapter", action="append", metavar="DIR[:SCALE]", help="a LoRA adapter "

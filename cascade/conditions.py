@@ -61,7 +61,13 @@ class Conditions:
 
     Build one with a constructor: `image_to_video`, `extend`, `connect`, `loop`, `edit`; or
     Conditions() for text only (a long video is text only with more frames). `frames` lists the
-    given frames as output frame index -> image (a negative index counts from the end)."""
+    given frames as output frame index -> image (a negative index counts from the end).
+
+    keep_input: False (the default) writes the given frames and the input video's frames as the
+    cascade renders them (VAE, then SR), as Open-Sora and Sora decode their conditioned latents
+    with the rest: the whole video then has one look and no join shows (a crisp input beside the
+    cascade's softer frames is a visible step at every join; docs/prompting.md measures it).
+    They are then the input within the VAE + SR error. True writes them unchanged, to the bit."""
     task: str = "t2v"
     frames: dict = field(default_factory=dict)     # output frame index -> image (3, H, W)
     video: torch.Tensor | None = None              # extend / edit: the input video; connect: a
@@ -71,32 +77,35 @@ class Conditions:
     strength: float | None = None                  # edit: the noise level it starts from, in (0, 1]
     inversion: str = "none"                        # edit: none (SDEdit: noised with fresh noise) | ddim
     caption: str | None = None                     # edit with ddim inversion: the input's own caption
+    keep_input: bool = False                       # write the given / input frames unchanged
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task: '{self.task}' is not one of {', '.join(TASKS)}")
 
     @classmethod
-    def image_to_video(cls, image: torch.Tensor, last: torch.Tensor | None = None) -> "Conditions":
+    def image_to_video(cls, image: torch.Tensor, last: torch.Tensor | None = None,
+                       keep_input: bool = False) -> "Conditions":
         """The image is the video's first frame (and `last` its last one)."""
-        return cls("i2v", {0: image, **({-1: last} if last is not None else {})})
+        return cls("i2v", {0: image, **({-1: last} if last is not None else {})}, keep_input=keep_input)
 
     @classmethod
-    def extend(cls, video: torch.Tensor, new_frames: int, backward: bool = False) -> "Conditions":
+    def extend(cls, video: torch.Tensor, new_frames: int, backward: bool = False,
+               keep_input: bool = False) -> "Conditions":
         """`new_frames` frames after the video (before it: backward), written with it as one."""
         if not (isinstance(new_frames, int) and new_frames >= 1):
             raise ValueError(f"extend: the number of new frames must be >= 1, got {new_frames!r}")
-        return cls("extend", video=video, new_frames=new_frames, backward=backward)
+        return cls("extend", video=video, new_frames=new_frames, backward=backward, keep_input=keep_input)
 
     @classmethod
-    def connect(cls, a: torch.Tensor, b: torch.Tensor) -> "Conditions":
+    def connect(cls, a: torch.Tensor, b: torch.Tensor, keep_input: bool = False) -> "Conditions":
         """The frames that lead from the end of a to the start of b, written as a + them + b."""
-        return cls("connect", video=a, video_b=b)
+        return cls("connect", video=a, video_b=b, keep_input=keep_input)
 
     @classmethod
-    def loop(cls, image: torch.Tensor | None = None) -> "Conditions":
+    def loop(cls, image: torch.Tensor | None = None, keep_input: bool = False) -> "Conditions":
         """A video that ends where it starts (from `image`, or from a first text-only keyframe)."""
-        return cls("loop", {0: image} if image is not None else {})
+        return cls("loop", {0: image} if image is not None else {}, keep_input=keep_input)
 
     @classmethod
     def edit(cls, video: torch.Tensor, strength: float, inversion: str = "none",
@@ -143,7 +152,8 @@ class Plan:
     length: frames the cascade makes; given: output frame -> image (3, H, W) at the output size;
     prefix / suffix: input frames written before / after them unchanged (extend, connect);
     backward: keyframe windows fill from the end; loop: the last frame is tied to the first
-    and dropped from the output; source, strength: edit."""
+    and dropped from the output; source, strength: edit; keep_input: the given frames and the
+    prefix / suffix are written unchanged (else as the cascade renders them)."""
     length: int
     given: dict = field(default_factory=dict)
     prefix: torch.Tensor | None = None             # (3, T, H, W)
@@ -155,6 +165,7 @@ class Plan:
     inversion: str = "none"
     caption: str | None = None
     cut: int | None = None                         # frames of `length` kept (extend: the rounding up cut off)
+    keep_input: bool = False
 
 
 def plan(c: Conditions, reachable, step: int, context: int, default_length: int, size: tuple,
@@ -174,6 +185,13 @@ def plan(c: Conditions, reachable, step: int, context: int, default_length: int,
       long    text only over `length` frames (keyframe windows)
       edit    the input video (its first `length` frames) noised to `strength`
     """
+    out = _plan(c, reachable, step, context, default_length, size, length)
+    out.keep_input = c.keep_input
+    return out
+
+
+def _plan(c: Conditions, reachable, step: int, context: int, default_length: int, size: tuple,
+          length: int | None = None) -> Plan:
     H, W = size
     if c.task in ("extend", "connect", "edit") and c.video is None:
         raise ValueError(f"{c.task}: needs an input video")

@@ -5,9 +5,12 @@ For each prompt a ground-truth clip is rendered (`evaluate.truth_clip`) long eno
 the task's inputs are cut from it (the image of i2v, the clip extend continues, the two clips
 connect joins, the clip edit changes), the cascade runs, and the video written is measured:
 
-    given_psnr   the given frames in the video against the input frames (dB; inf: exact)
-    seam         the frame difference across each join (given -> made, window -> window, the
-                 loop's last -> first) over the mean difference of the video's other frames: 1 is
+    given_psnr   the given frames in the video against the input frames (dB; inf: exact, with
+                 Conditions.keep_input)
+    ceiling_psnr the same frames rendered by the VAE and SR alone (`rendered_psnr`): the ceiling
+                 a given frame written as rendered (the default) is within 1 dB of
+    seam         the frame difference across each join (input -> clip, given -> made, window ->
+                 window, the loop's last -> first) over the mean difference of the video's other frames: 1 is
                  a join no viewer can find, > 1.5 a jump (the target is <= 1.5)
     one_object   exactly one object in every frame; colour / motion: the analyser's factors
     kept         extend, long: the same colour and motion after the join as before it
@@ -116,6 +119,16 @@ def track(video: torch.Tensor) -> torch.Tensor | None:
     return torch.stack([(obj.sum(1) * xs).sum(1) / area / W, (obj.sum(2) * ys).sum(1) / area / H], 1)
 
 
+def rendered_psnr(pipe, prompt: str, frames: torch.Tensor, sampling: dict, seed: int) -> float:
+    """The VAE + SR ceiling of given frames (3, T, H, W): their PSNR after the cascade renders
+    them (`Pipeline.render_input`), what a given frame written as rendered is measured against."""
+    from cascade.sampling import StageSampling, resolve_sampling
+    cfg = (pipe.sr or pipe.base).cfg.diffusion
+    sr = resolve_sampling(StageSampling.of(sampling.get("sr")), config=cfg)
+    out = pipe.render_input(frames, pipe.encode([prompt]), sr, torch.Generator().manual_seed(seed), False)
+    return psnr(out[0], frames)
+
+
 def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, length: int | None,
              strength: float | None = None, edit: str | None = None, method: str = "sdedit") -> dict:
     """One video of `task` for `prompt` -> its measures (see the module docstring)."""
@@ -129,21 +142,26 @@ def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, le
     if task == "i2v":
         src = truth(prompt, clip_len, H, W, rate, seed, i)
         v = pipe(prompt, conditions=Conditions.image_to_video(src[:, 0]), **kw).video[0]
-        out.update(given_psnr=psnr(v[:, 0], src[:, 0]), seam=seam_ratio(v, [1]))
+        out.update(given_psnr=psnr(v[:, 0], src[:, 0]), seam=seam_ratio(v, [1]),
+                   ceiling_psnr=rendered_psnr(pipe, prompt, src[:, :1], sampling, seed))
         joins, parts = [1], None
     elif task == "extend":
         src = truth(prompt, 2 * clip_len - 1, H, W, rate, seed, i)        # room for the continuation
         n_in = clip_len
-        v = pipe(prompt, conditions=Conditions.extend(src[:, :n_in], clip_len - 1), **kw).video[0]
-        out.update(given_psnr=psnr(v[:, :n_in], src[:, :n_in]), seam=seam_ratio(v, [n_in]))
+        c = Conditions.extend(src[:, :n_in], clip_len - 1)
+        v = pipe(prompt, conditions=c, **kw).video[0]
+        n_pre = pipe.plan(c, passes, pipe.latent_size_for(None, None)).prefix.shape[1]  # input before the clip
+        out.update(given_psnr=psnr(v[:, :n_in], src[:, :n_in]), seam=seam_ratio(v, [n_pre, n_in]),
+                   ceiling_psnr=rendered_psnr(pipe, prompt, src[:, :n_in], sampling, seed))
         joins, parts = [n_in], (slice(0, n_in), slice(n_in, None))
     elif task == "connect":
         src = truth(prompt, 3 * clip_len - 2, H, W, rate, seed, i)
         a, b = src[:, :clip_len], src[:, 2 * clip_len - 2:]
         v = pipe(prompt, conditions=Conditions.connect(a, b), **kw).video[0]
-        j1, j2 = clip_len, v.shape[1] - b.shape[1] + 1
+        j1, j2 = clip_len, v.shape[1] - b.shape[1] + 1                   # given -> made, clip -> b[1:]
         out.update(given_psnr=min(psnr(v[:, :clip_len], a), psnr(v[:, -b.shape[1]:], b)),
-                   seam=seam_ratio(v, [j1, j2]))
+                   seam=seam_ratio(v, [j1 - 1, j1, j2 - 1, j2]),              # and a[:-1] -> clip, made -> b[0]
+                   ceiling_psnr=min(rendered_psnr(pipe, prompt, x, sampling, seed) for x in (a, b)))
         joins, parts = [j1, j2], None
     elif task == "loop":
         v = pipe(prompt, conditions=Conditions.loop(), **kw).video[0]

@@ -459,6 +459,7 @@ class Pipeline:
         prompt (`plan`, `_given`), the same for every video."""
         prompts = [p for p, _ in videos]
         B, given = len(prompts), given or {}
+        keep = plan is None or plan.keep_input                       # given frames written unchanged
         rows = lambda pair: None if pair is None else tuple(  # noqa: E731  (batch 1 -> B)
             t.expand(B, *t.shape[1:]) for t in pair)
 
@@ -501,7 +502,7 @@ class Pipeline:
         with step("vae"):
             video = self.vae_stage.decode(latents)                   # (B, 3, T, H, W)
             out["keyframes"] = self.vae_stage.decode(out["keyframes_latent"]) if passes else video
-            if "lowres" in given:                                    # the given frames themselves
+            if "lowres" in given and keep:                           # the given frames themselves
                 frames, m = rows(given["lowres"])
                 m = m.to(video)[:, None, :, None, None]
                 video = m * frames.to(video) + (1 - m) * video
@@ -512,26 +513,60 @@ class Pipeline:
         if self.sr is not None:
             with step("sr"):
                 video = self.sr.sample(video, *conds[self.sr.text_key], sampling["sr"], streams("sr"),
-                                       progress, rows(given.get("final")))  # (B, 3, T, sH, sW)
-            bar.update()
-        out["final"] = self.assemble(video, plan) if plan is not None else video
+                                       progress, rows(given.get("final")) if keep else None)
+            bar.update()                                             # (B, 3, T, sH, sW)
+        if plan is None:
+            out["final"] = video
+            return out
+        around = {k: getattr(plan, k) for k in ("prefix", "suffix")}
+        if not keep:                                                 # the input's frames rendered too
+            around = {k: v if v is None or not v.shape[1] else
+                      self.render_input(v, conds, sampling["sr"], streams(f"render {k}"), progress)
+                      for k, v in around.items()}
+        out["final"] = self.assemble(video, plan, **around)
         return out
 
+    @torch.no_grad()
+    def render_input(self, video: torch.Tensor, conds: dict, sampling, generator,
+                     progress: bool) -> torch.Tensor:
+        """Input frames (3, T, H, W) at the output size -> as the cascade renders its own
+        (B, 3, T, H, W), B the rows of `conds`: brought to the low resolution as SR's training does,
+        encoded, decoded (the VAE's error) and super-resolved (SR's), so that the frames written
+        beside the cascade's have the same look (Conditions.keep_input). A VAE that codes s frames
+        in one latent frame gets the first frame repeated in front to 1 + s k frames, cut after."""
+        from cascade.stages import downsample_video
+        s, T = self.vae.temporal_factor, video.shape[1]
+        pad = -(T - 1) % s
+        x = torch.cat([video[:, :1].expand(-1, pad, -1, -1), video], 1)[None].to(self.device)
+        if self.sr is not None:
+            x = downsample_video(x, self.sr.cfg.sr.scale, self.sr.cfg.sr.downsample)
+        x = self.vae_stage.decode(self.vae_stage.encode(x))                   # (1, 3, pad + T, h, w)
+        cond, uncond = conds[self.sr.text_key] if self.sr is not None else conds[self.base.text_key]
+        B = next(iter(cond.values())).shape[0]
+        x = x.expand(B, -1, -1, -1, -1)
+        if self.sr is not None:
+            x = self.sr.sample(x, cond, uncond, sampling, generator, progress)  # (B, 3, pad + T, H, W)
+        return x[:, :, pad:]
+
     @staticmethod
-    def assemble(video: torch.Tensor, plan) -> torch.Tensor:
+    def assemble(video: torch.Tensor, plan, prefix=None, suffix=None) -> torch.Tensor:
         """The cascade's frames (B, 3, F, H, W) -> the video written: cut to the frames asked for
         (extend: from the end when backward), the loop's repeated last frame dropped, the input's
-        prefix / suffix frames put around it."""
+        prefix / suffix frames put around it (given: as rendered, (B, 3, T, H, W); else the
+        plan's own, unchanged)."""
         B = video.shape[0]
+        prefix = plan.prefix if prefix is None else prefix
+        suffix = plan.suffix if suffix is None else suffix
         if plan.cut is not None:
             video = video[:, :, -plan.cut:] if plan.backward else video[:, :, :plan.cut]
         if plan.loop:
             video = video[:, :, :-1]
         parts = [video]
-        if plan.prefix is not None and plan.prefix.shape[1]:
-            parts.insert(0, plan.prefix[None].to(video).expand(B, -1, -1, -1, -1))
-        if plan.suffix is not None and plan.suffix.shape[1]:
-            parts.append(plan.suffix[None].to(video).expand(B, -1, -1, -1, -1))
+        rows = lambda x: (x if x.dim() == 5 else x[None]).to(video).expand(B, -1, -1, -1, -1)  # noqa: E731
+        if prefix is not None and prefix.shape[-3]:
+            parts.insert(0, rows(prefix))
+        if suffix is not None and suffix.shape[-3]:
+            parts.append(rows(suffix))
         return torch.cat(parts, 2)
 
 

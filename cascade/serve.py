@@ -51,7 +51,8 @@ class Studio:
         return self.pipes[key]
 
     def generate(self, task: str, prompt: str, image=None, last_image=None, video=None,
-                 video_b=None, new_frames: int = 8, backward: bool = False, strength: float = 0.6,
+                 video_b=None, new_frames: int = 8, backward: bool = False, keep_input: bool = False,
+                 strength: float = 0.6,
                  inversion: str = "none", caption: str = "", seed: int = 0, frames: int | None = None,
                  height: int | None = None, width: int | None = None, base_steps=None,
                  base_guidance=None, base_sampler=None, interp_steps=None, sr_steps=None,
@@ -91,6 +92,8 @@ class Studio:
         elif task == "Edit":
             cond = Conditions.edit(load_video(need(video, "a video")), float(strength), inversion,
                                    caption or None)
+        if cond is not None:
+            cond.keep_input = bool(keep_input)              # the given frames unchanged, not rendered
         num = lambda v: None if v in (None, "", 0) else v                  # noqa: E731  (0: default)
         base = StageSampling(num(base_steps), base_guidance, base_sampler or None).over(
             StageSampling.of(self.sampling.get("base")))
@@ -151,6 +154,9 @@ def build_app(studio: Studio):
                     if task == "Extend":
                         inputs["new_frames"] = gr.Number(value=16, precision=0, label="New frames")
                         inputs["backward"] = gr.Checkbox(label="Before the video (backward)")
+                    if task in ("Image to video", "Loop", "Extend", "Connect"):
+                        inputs["keep_input"] = gr.Checkbox(label="Write the given frames unchanged "
+                                                           "(default: rendered like the rest, no seam)")
                     if task == "Edit":
                         inputs["strength"] = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength")
                         inputs["inversion"] = gr.Radio(["none", "ddim"], value="none",

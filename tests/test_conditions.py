@@ -141,7 +141,7 @@ def test_given_frames_survive_every_stage_and_sampler(cascade_dir, sampler):
     from cascade.pipeline import Pipeline
     pipe = Pipeline(cascade_dir)
     first, last, mid = image(0), image(1), image(2)
-    c = Conditions("i2v", {0: first, -1: last, 3: mid})                  # 3: between keyframes 2, 4
+    c = Conditions("i2v", {0: first, -1: last, 3: mid}, keep_input=True)  # 3: between keyframes 2, 4
     res = pipe(PROMPT, seed=1, steps=3, sampler=sampler, conditions=c, num_videos=2, progress=False)
     v = res.video
     assert v.shape == (2, 3, 7, 32, 32)
@@ -157,18 +157,52 @@ def test_given_frames_survive_every_stage_and_sampler(cascade_dir, sampler):
     assert not torch.equal(v[0, :, 1], v[1, :, 1])                      # two videos, two samples
 
 
+def test_given_frames_are_rendered_by_default(cascade_dir):
+    """Without keep_input the given frames and the input's other frames are written as the
+    cascade renders them (Pipeline.render_input): here, no SR, the VAE's own round trip. Frame 0
+    of the causal decoder sees only itself, so the given first frame is its round trip to the
+    bit; extend writes the rendered input before the new frames, connect a + bridge + b."""
+    from cascade.conditions import Conditions, fit
+    from cascade.pipeline import Pipeline
+    pipe = Pipeline(cascade_dir, use_sr=False)
+    vae = pipe.vae_stage
+    trip = lambda x: vae.decode(vae.encode(x[None]))[0]                 # noqa: E731  (3, T, H, W)
+    kw = dict(seed=1, steps=2, progress=False)
+    first = fit(image(0), 16, 16)
+    v = pipe(PROMPT, conditions=Conditions.image_to_video(image(0)), **kw).video[0]
+    torch.testing.assert_close(v[:, 0], trip(first)[:, 0], atol=1e-5, rtol=0)
+    assert not torch.equal(v[:, 0], first[:, 0])                         # rendered, not pasted
+    clip = image(5, (3, 9, 16, 16))
+    for back in (False, True):
+        ext = pipe(PROMPT, conditions=Conditions.extend(clip, 6, backward=back), **kw).video[0]
+        keep = pipe(PROMPT, conditions=Conditions.extend(clip, 6, backward=back, keep_input=True),
+                    **kw).video[0]
+        n_rest = 9 - len(pipe.plan(Conditions.extend(clip, 6), 1, (8, 8)).given)  # not given to the base
+        rest = clip[:, :n_rest] if not back else clip[:, -n_rest:]
+        got = ext[:, :n_rest] if not back else ext[:, -n_rest:]
+        torch.testing.assert_close(got, trip(rest), atol=1e-5, rtol=0)
+        assert torch.equal(keep[:, :9] if not back else keep[:, -9:], clip)
+        new = slice(9, None) if not back else slice(0, 6)                 # the made frames: the same
+        assert torch.equal(ext[:, new], keep[:, new])
+    a, b = image(6, (3, 5, 16, 16)), image(7, (3, 4, 16, 16))
+    joined = pipe(PROMPT, conditions=Conditions.connect(a, b), **kw).video[0]
+    assert joined.shape[1] == 4 + 7 + 3
+    torch.testing.assert_close(joined[:, :4], trip(a[:, :-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(joined[:, -3:], trip(b[:, 1:]), atol=1e-5, rtol=0)
+
+
 def test_extend_connect_loop_and_edit_write_one_video(cascade_dir):
     from cascade.conditions import Conditions, fit
     from cascade.pipeline import Pipeline
     pipe = Pipeline(cascade_dir)
     clip = image(5, (3, 9, 32, 32))
     kw = dict(seed=2, steps=2, progress=False)
-    fwd = pipe(PROMPT, conditions=Conditions.extend(clip, 6), **kw).video
+    fwd = pipe(PROMPT, conditions=Conditions.extend(clip, 6, keep_input=True), **kw).video
     assert fwd.shape[2] == 15 and torch.allclose(fwd[0, :, :9], clip, atol=1e-6)
-    back = pipe(PROMPT, conditions=Conditions.extend(clip, 6, backward=True), **kw).video
+    back = pipe(PROMPT, conditions=Conditions.extend(clip, 6, backward=True, keep_input=True), **kw).video
     assert back.shape[2] == 15 and torch.allclose(back[0, :, 6:], clip, atol=1e-6)
     a, b = image(6, (3, 5, 32, 32)), image(7, (3, 4, 32, 32))
-    joined = pipe(PROMPT, conditions=Conditions.connect(a, b), **kw).video
+    joined = pipe(PROMPT, conditions=Conditions.connect(a, b, keep_input=True), **kw).video
     assert joined.shape[2] == 4 + 7 + 3
     assert torch.allclose(joined[0, :, :5], a, atol=1e-6) and torch.allclose(joined[0, :, -4:], b, atol=1e-6)
     loop = pipe(PROMPT, conditions=Conditions.loop(), **kw)
@@ -287,6 +321,7 @@ def test_cli_frame_prompts_and_their_one_line_errors(cascade_dir, stages, tmp_pa
     frames, fps = read_video(next(out.glob("000_*.mp4")))
     assert frames.shape[0] == 7 and fps == pytest.approx(16)
     assert main(base + ["--video", str(clip), "--extend", "4"]) == 0
+    assert main(base + ["--video", str(clip), "--extend", "4", "--keep-input"]) == 0
     capsys.readouterr()
     bad = {"--image nope.png": "image not found",
            f"--image {clip}": "cannot read image",
