@@ -403,11 +403,9 @@ class Pipeline:
         its own (Open-Sora 2.0: no leakage between frames); an output frame f is latent frame
         f / s, then base keyframe j / r^passes when that divides, else a known frame of the interp
         pass whose output first holds it."""
-        from cascade.stages import downsample_video
         s, F = self.vae.temporal_factor, plan.length
         r = self.interp.cfg.interp.rate if passes else 1
-        low = (lambda v: downsample_video(v, self.sr.cfg.sr.scale, self.sr.cfg.sr.downsample)) \
-            if self.sr is not None else (lambda v: v)
+        low = self.lowres_of
         out = {}
         if plan.source is not None:
             lat = self.vae_stage.encode(low(plan.source[None].to(self.device)))  # (1, Cz, T', h, w)
@@ -499,8 +497,10 @@ class Pipeline:
                 latents = self.interp.sample(latents, *conds[self.interp.text_key], sampling["interp"],
                                              streams(f"interp pass {i}"), progress, known)
             bar.update()
+        joint = not keep and self.vae.temporal_factor == 1 and any(  # the input decoded with the clip
+            x is not None and x.shape[1] for x in (plan.prefix, plan.suffix))
         with step("vae"):
-            video = self.vae_stage.decode(latents)                   # (B, 3, T, H, W)
+            video = self.vae_stage.decode(self.with_input(latents, plan) if joint else latents)
             out["keyframes"] = self.vae_stage.decode(out["keyframes_latent"]) if passes else video
             if "lowres" in given and keep:                           # the given frames themselves
                 frames, m = rows(given["lowres"])
@@ -515,16 +515,42 @@ class Pipeline:
                 video = self.sr.sample(video, *conds[self.sr.text_key], sampling["sr"], streams("sr"),
                                        progress, rows(given.get("final")) if keep else None)
             bar.update()                                             # (B, 3, T, sH, sW)
-        if plan is None:
+        if plan is None or joint:                                    # (B, 3, F, sH, sW): as written
             out["final"] = video
             return out
         around = {k: getattr(plan, k) for k in ("prefix", "suffix")}
-        if not keep:                                                 # the input's frames rendered too
+        if not keep:                                                 # the input's frames rendered apart
             around = {k: v if v is None or not v.shape[1] else
                       self.render_input(v, conds, sampling["sr"], streams(f"render {k}"), progress)
                       for k, v in around.items()}
         out["final"] = self.assemble(video, plan, **around)
         return out
+
+    def lowres_of(self, video: torch.Tensor) -> torch.Tensor:
+        """Output-size frames (B, 3, T, H, W) -> the VAE's size, as SR's training brings them down."""
+        from cascade.stages import downsample_video
+        if self.sr is None:
+            return video
+        return downsample_video(video, self.sr.cfg.sr.scale, self.sr.cfg.sr.downsample)
+
+    @torch.no_grad()
+    def with_input(self, latents: torch.Tensor, plan) -> torch.Tensor:
+        """The clip's latents (B, Cz, T, h, w) cut as written (`assemble`), with the input's frames
+        (the plan's prefix / suffix) encoded before / after them: one latent video, decoded and
+        super-resolved as one, so the input joins the new frames with no seam (the causal decoder
+        and SR's overlapping windows see across the join). For a VAE without temporal compression,
+        where latent frames are pixel frames; `render_input` renders the input apart otherwise."""
+        B = latents.shape[0]
+        if plan.cut is not None:
+            latents = latents[:, :, -plan.cut:] if plan.backward else latents[:, :, :plan.cut]
+        enc = lambda x: self.vae_stage.encode(self.lowres_of(x[None].to(self.device))).expand(  # noqa: E731
+            B, -1, -1, -1, -1)
+        parts = [latents]
+        if plan.prefix is not None and plan.prefix.shape[1]:
+            parts.insert(0, enc(plan.prefix))
+        if plan.suffix is not None and plan.suffix.shape[1]:
+            parts.append(enc(plan.suffix))
+        return torch.cat(parts, 2)                                   # (B, Cz, F, h, w)
 
     @torch.no_grad()
     def render_input(self, video: torch.Tensor, conds: dict, sampling, generator,
@@ -534,12 +560,9 @@ class Pipeline:
         encoded, decoded (the VAE's error) and super-resolved (SR's), so that the frames written
         beside the cascade's have the same look (Conditions.keep_input). A VAE that codes s frames
         in one latent frame gets the first frame repeated in front to 1 + s k frames, cut after."""
-        from cascade.stages import downsample_video
         s, T = self.vae.temporal_factor, video.shape[1]
         pad = -(T - 1) % s
-        x = torch.cat([video[:, :1].expand(-1, pad, -1, -1), video], 1)[None].to(self.device)
-        if self.sr is not None:
-            x = downsample_video(x, self.sr.cfg.sr.scale, self.sr.cfg.sr.downsample)
+        x = self.lowres_of(torch.cat([video[:, :1].expand(-1, pad, -1, -1), video], 1)[None].to(self.device))
         x = self.vae_stage.decode(self.vae_stage.encode(x))                   # (1, 3, pad + T, h, w)
         cond, uncond = conds[self.sr.text_key] if self.sr is not None else conds[self.base.text_key]
         B = next(iter(cond.values())).shape[0]

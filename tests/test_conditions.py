@@ -159,36 +159,38 @@ def test_given_frames_survive_every_stage_and_sampler(cascade_dir, sampler):
 
 def test_given_frames_are_rendered_by_default(cascade_dir):
     """Without keep_input the given frames and the input's other frames are written as the
-    cascade renders them (Pipeline.render_input): here, no SR, the VAE's own round trip. Frame 0
-    of the causal decoder sees only itself, so the given first frame is its round trip to the
-    bit; extend writes the rendered input before the new frames, connect a + bridge + b."""
+    cascade renders them: here (no SR) the input's frames are encoded, put around the clip's
+    latents (cut as written) and decoded with them as one video (Pipeline.with_input), so the
+    causal decoder sees across every join. Frame 0 of the causal decoder sees only itself: the
+    given first frame of i2v, and extend's first input frames, are their own round trip."""
     from cascade.conditions import Conditions, fit
     from cascade.pipeline import Pipeline
     pipe = Pipeline(cascade_dir, use_sr=False)
     vae = pipe.vae_stage
-    trip = lambda x: vae.decode(vae.encode(x[None]))[0]                 # noqa: E731  (3, T, H, W)
+    enc = lambda x: vae.encode(x[None])                                  # noqa: E731  (1, Cz, T, h, w)
     kw = dict(seed=1, steps=2, progress=False)
     first = fit(image(0), 16, 16)
     v = pipe(PROMPT, conditions=Conditions.image_to_video(image(0)), **kw).video[0]
-    torch.testing.assert_close(v[:, 0], trip(first)[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(v[:, 0], vae.decode(enc(first))[0, :, 0], atol=1e-5, rtol=0)
     assert not torch.equal(v[:, 0], first[:, 0])                         # rendered, not pasted
     clip = image(5, (3, 9, 16, 16))
+    n_rest = 9 - len(pipe.plan(Conditions.extend(clip, 6), 1, (8, 8)).given)  # not given to the base
     for back in (False, True):
-        ext = pipe(PROMPT, conditions=Conditions.extend(clip, 6, backward=back), **kw).video[0]
-        keep = pipe(PROMPT, conditions=Conditions.extend(clip, 6, backward=back, keep_input=True),
-                    **kw).video[0]
-        n_rest = 9 - len(pipe.plan(Conditions.extend(clip, 6), 1, (8, 8)).given)  # not given to the base
-        rest = clip[:, :n_rest] if not back else clip[:, -n_rest:]
-        got = ext[:, :n_rest] if not back else ext[:, -n_rest:]
-        torch.testing.assert_close(got, trip(rest), atol=1e-5, rtol=0)
-        assert torch.equal(keep[:, :9] if not back else keep[:, -9:], clip)
-        new = slice(9, None) if not back else slice(0, 6)                 # the made frames: the same
-        assert torch.equal(ext[:, new], keep[:, new])
+        res = pipe(PROMPT, conditions=Conditions.extend(clip, 6, backward=back), **kw)
+        keep = pipe(PROMPT, conditions=Conditions.extend(clip, 6, backward=back, keep_input=True), **kw)
+        z = res.stages["interp_latent"]                                  # the clip's latents
+        assert torch.equal(z, keep.stages["interp_latent"])              # the same made frames
+        cut = 9 - n_rest + 6
+        parts = [enc(clip[:, :n_rest]), z[:, :, :cut]] if not back else [z[:, :, -cut:], enc(clip[:, -n_rest:])]
+        torch.testing.assert_close(res.video[0], vae.decode(torch.cat(parts, 2))[0], atol=1e-5, rtol=0)
+        if not back:
+            torch.testing.assert_close(res.video[0, :, :n_rest], vae.decode(parts[0])[0], atol=1e-5, rtol=0)
+        assert torch.equal(keep.video[0, :, :9] if not back else keep.video[0, :, -9:], clip)
     a, b = image(6, (3, 5, 16, 16)), image(7, (3, 4, 16, 16))
-    joined = pipe(PROMPT, conditions=Conditions.connect(a, b), **kw).video[0]
-    assert joined.shape[1] == 4 + 7 + 3
-    torch.testing.assert_close(joined[:, :4], trip(a[:, :-1]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(joined[:, -3:], trip(b[:, 1:]), atol=1e-5, rtol=0)
+    res = pipe(PROMPT, conditions=Conditions.connect(a, b), **kw)
+    assert res.video.shape[2] == 4 + 7 + 3
+    whole = torch.cat([enc(a[:, :-1]), res.stages["interp_latent"], enc(b[:, 1:])], 2)
+    torch.testing.assert_close(res.video[0], vae.decode(whole)[0], atol=1e-5, rtol=0)
 
 
 def test_extend_connect_loop_and_edit_write_one_video(cascade_dir):
