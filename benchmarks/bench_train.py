@@ -59,11 +59,11 @@ def stage_step(name: str, overrides: list[str]):
     g = torch.Generator().manual_seed(5)
     if name == "vae":
         from cascade.stages import VAEStage
+        from cascade.seeding import RowGenerators
         stage = VAEStage(cfg)
         video = torch.rand(B, 3, d.frames, d.height, d.width, generator=g) * 2 - 1
-        noise = torch.randn(B, *stage.net.latent_shape(d.frames, d.height, d.width), generator=g)
-        return cfg, stage.net, {"video": video, "noise": noise, "seed": torch.tensor(0)}, \
-            lambda net, x: stage.loss(net, x)[0], d.frames * d.height * d.width
+        inputs = stage.prepare({"video": video}, RowGenerators(list(range(B))), "cpu")  # as the trainer
+        return cfg, stage.net, inputs, lambda net, x: stage.loss(net, x)[0], d.frames * d.height * d.width
     from cascade.diffusion import Diffusion
     diffusion = Diffusion(cfg.diffusion)
     cond = text_cond(B, cfg.text.max_length, cfg.text.dim)
