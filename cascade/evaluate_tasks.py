@@ -16,7 +16,8 @@ connect joins, the clip edit changes), the cascade runs, and the video written i
     kept         extend, long: the same colour and motion after the join as before it
     drift        extend, long: the object's mean colour over the last 8 frames against the first
                  8 (8-bit levels; the target is <= 10)
-    moves        i2v, loop: the object moves (not a still video) the way the prompt says
+    moves        i2v, loop, over the prompts that ask for motion: the object moves (not a still
+                 video) the way the prompt says
     invert       DDIM inversion of a clip's keyframes with its caption, then DDIM sampling back
                  with the same prompt (the base alone, guidance 1), at INVERT_STEPS steps: the
                  round trip's latent SNR (dB) against the clip's keyframe latents and the decoded
@@ -197,8 +198,8 @@ def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, le
     want = parse_caption(prompt)
     out.update(one_object=a["one_object"], colour=a["colour"] == want["colour"],
                motion=a["motion"] == want["motion"], frames=v.shape[1])
-    if task in ("i2v", "loop"):
-        out["moves"] = a["motion"] == want["motion"] and a["motion"] != "standing still"
+    if task in ("i2v", "loop"):                                            # prompts that ask for motion
+        out["moves"] = (a["motion"] == want["motion"]) if want["motion"] != "standing still" else None
     if parts is not None and task in ("extend", "long"):
         before, after = analyse(v[:, parts[0]], rate), analyse(v[:, parts[1]], rate)
         out["kept"] = before["colour"] == after["colour"] and before["motion"] == after["motion"]
@@ -209,7 +210,8 @@ def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, le
 
 def summarise(rows: list[dict]) -> dict:
     """Mean of every numeric or boolean measure over the rows (nan-aware; inf PSNR kept as inf)."""
-    keys = [k for k in rows[0] if isinstance(rows[0][k], (bool, int, float)) and k != "frames"]
+    keys = list(dict.fromkeys(k for r in rows for k in r                   # a key None in some rows too
+                              if isinstance(r[k], (bool, int, float)) and k != "frames"))
     out = {}
     for k in keys:
         vals = [float(r[k]) for r in rows if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
