@@ -192,9 +192,14 @@ def cmd_edit(args) -> None:
 
 def cmd_plot(args) -> None:
     """`cascade plot RUN... --out loss.png`: loss curves from the runs' log.csv; with
-    `--eval STEP=EVAL_DIR ...`: the eval's accuracies against training steps."""
-    from cascade.dashboard import plot_eval_curve, plot_runs
-    if args.eval:
+    `--eval STEP=EVAL_DIR ...`: the eval's accuracies against training steps; with `--samples`:
+    one preview of every sample sheet of a run, stacked over steps."""
+    from cascade.dashboard import learning_sheet, plot_eval_curve, plot_runs
+    if args.samples:
+        if len(args.runs) != 1:
+            raise ValueError("cascade plot --samples: give one RUN folder")
+        print(f"wrote {learning_sheet(args.runs[0], args.out, args.row)}")
+    elif args.eval:
         points = {}
         for item in args.eval:
             step, sep, folder = item.partition("=")
@@ -560,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("runs", nargs="*", help="train.out_dir folders (or log.csv files)")
     pt.add_argument("--eval", action="append", metavar="STEP=EVAL_DIR",
                     help="instead: a cascade eval --out folder at a training step (repeat: a curve)")
+    pt.add_argument("--samples", action="store_true", help="instead: one preview row of every "
+                    "sample sheet the RUN wrote (train.sample_every), stacked over steps")
+    pt.add_argument("--row", type=int, default=0, help="--samples: which preview (sheet row)")
     pt.add_argument("--out", default="outputs/loss.png")
     pt.add_argument("--columns", default="loss,lr", help="comma-separated log.csv columns, a panel each")
     pt.add_argument("--smooth", type=int, default=20, help="running-mean window in steps")

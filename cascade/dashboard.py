@@ -207,3 +207,41 @@ def plot_eval_curve(points: dict[int, str | Path], out: str | Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return save_figure(fig, out)
+
+def learning_sheet(run: str | Path, out: str | Path, row: int = 0) -> Path:
+    """One preview's row of every sample sheet a run wrote (RUN/samples/stepNNNNNN.png, made every
+    `train.sample_every` steps from the EMA weights), stacked in step order with the step beside
+    each: the same prompt and noise at every step, so the picture is the model learning."""
+    import re
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from cascade.config import load_config
+    from cascade.video_io import SHEET_PAD
+    run = Path(run)
+    sheets = sorted((run / "samples").glob("step*.png"))
+    if not sheets:
+        raise FileNotFoundError(f"cascade plot --samples: no sample sheets in {run}/samples "
+                                f"(train with train.sample_every=N)")
+    n_rows = PREVIEW * (2 if load_config(run / "config.yaml").stage == "vae" else 1)
+    if not 0 <= row < n_rows:
+        raise ValueError(f"cascade plot --row: {row} is not a row of the {n_rows}-row sheets")
+    strips = []
+    for path in sheets:
+        sheet = np.asarray(Image.open(path).convert("RGB"))
+        h = (sheet.shape[0] - SHEET_PAD) // n_rows                          # caption + cell + pad
+        strips.append(sheet[SHEET_PAD + row * h: SHEET_PAD + (row + 1) * h - SHEET_PAD])
+    label_w, width = 64, max(s.shape[1] for s in strips)
+    canvas = np.full((sum(s.shape[0] for s in strips), label_w + width, 3), 24, np.uint8)
+    image = Image.fromarray(canvas)
+    draw, font, y = ImageDraw.Draw(image), ImageFont.load_default(), 0
+    for path, strip in zip(sheets, strips):
+        image.paste(Image.fromarray(strip), (label_w, y))
+        step = int(re.sub(r"\D", "", path.stem))
+        draw.text((SHEET_PAD, y + strip.shape[0] // 2), f"{step:,}", fill=(235, 235, 235), font=font)
+        y += strip.shape[0]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    return out

@@ -33,6 +33,17 @@ def test_event_files_and_sample_sheets(tmp_path):
     assert {"train/lr", "train/samples_per_s", "train/skipped", "train/l1"} <= set(tags["scalars"])
     assert [e.step for e in acc.Images("samples")] == [2, 4]
     assert (tmp_path / "samples" / "step000002.png").is_file()
+    from PIL import Image
+
+    from cascade.cli import main
+    from cascade.dashboard import PREVIEW
+    from cascade.video_io import SHEET_PAD
+    strip = tmp_path / "learning.png"                                   # one preview over the steps
+    assert main(["plot", str(tmp_path), "--samples", "--row", "1", "--out", str(strip)]) == 0
+    sheet = Image.open(tmp_path / "samples" / "step000002.png")
+    rows = 2 * PREVIEW                                                   # the VAE's: truth, reconstruction
+    assert Image.open(strip).height == 2 * ((sheet.height - SHEET_PAD) // rows - SHEET_PAD)
+    assert main(["plot", str(tmp_path), "--samples", "--row", str(rows), "--out", str(strip)]) == 2
 
 
 def test_resume_appends_without_duplicate_steps(tmp_path):
