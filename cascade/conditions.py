@@ -167,6 +167,13 @@ class Plan:
     cut: int | None = None                         # frames of `length` kept (extend: the rounding up cut off)
     keep_input: bool = False
 
+    def written(self, x: torch.Tensor) -> torch.Tensor:
+        """The cascade's frames (B, C, length, ...) -> those the video keeps: cut to `cut` (from
+        the end when backward), the loop's repeated last frame dropped."""
+        if self.cut is not None:
+            x = x[:, :, -self.cut:] if self.backward else x[:, :, :self.cut]
+        return x[:, :, :-1] if self.loop else x
+
 
 def plan(c: Conditions, reachable, step: int, context: int, default_length: int, size: tuple,
          length: int | None = None) -> Plan:

@@ -535,17 +535,15 @@ class Pipeline:
 
     @torch.no_grad()
     def with_input(self, latents: torch.Tensor, plan) -> torch.Tensor:
-        """The clip's latents (B, Cz, T, h, w) cut as written (`assemble`), with the input's frames
+        """The clip's latents (B, Cz, T, h, w) cut as written (`Plan.written`), with the input's frames
         (the plan's prefix / suffix) encoded before / after them: one latent video, decoded and
         super-resolved as one, so the input joins the new frames with no seam (the causal decoder
         and SR's overlapping windows see across the join). For a VAE without temporal compression,
         where latent frames are pixel frames; `render_input` renders the input apart otherwise."""
         B = latents.shape[0]
-        if plan.cut is not None:
-            latents = latents[:, :, -plan.cut:] if plan.backward else latents[:, :, :plan.cut]
         enc = lambda x: self.vae_stage.encode(self.lowres_of(x[None].to(self.device))).expand(  # noqa: E731
             B, -1, -1, -1, -1)
-        parts = [latents]
+        parts = [plan.written(latents)]
         if plan.prefix is not None and plan.prefix.shape[1]:
             parts.insert(0, enc(plan.prefix))
         if plan.suffix is not None and plan.suffix.shape[1]:
@@ -580,11 +578,7 @@ class Pipeline:
         B = video.shape[0]
         prefix = plan.prefix if prefix is None else prefix
         suffix = plan.suffix if suffix is None else suffix
-        if plan.cut is not None:
-            video = video[:, :, -plan.cut:] if plan.backward else video[:, :, :plan.cut]
-        if plan.loop:
-            video = video[:, :, :-1]
-        parts = [video]
+        parts = [plan.written(video)]
         rows = lambda x: (x if x.dim() == 5 else x[None]).to(video).expand(B, -1, -1, -1, -1)  # noqa: E731
         if prefix is not None and prefix.shape[-3]:
             parts.insert(0, rows(prefix))

@@ -341,3 +341,31 @@ def test_cli_frame_prompts_and_their_one_line_errors(cascade_dir, stages, tmp_pa
     assert main(plain + ["--image", str(img)]) == 2
     assert "not trained for frame prompts" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"                        # nothing lost
+
+
+def test_render_input_pads_a_temporally_compressing_vae():
+    """A VAE that codes s = 2 frames in one latent frame takes 1 + 2k frames: `render_input` puts
+    the first frame in front of an even-length input and cuts it after, so every input frame
+    comes back, each its round trip through the VAE (no SR here)."""
+    from types import SimpleNamespace
+
+    from cascade.config import load_config
+    from cascade.pipeline import Pipeline
+    from cascade.stages import VAEStage
+    torch.manual_seed(0)
+    from pathlib import Path
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny/vae.yaml", ["vae.channels=8", "vae.channel_mults=[1,2]",
+                                                 "vae.temporal_down=[true]", "vae.groups=4",
+                                                 "vae.frame_encoder=false"])
+    stage = VAEStage(cfg)
+    stage.net.eval()
+    assert stage.net.temporal_factor == 2
+    pipe = SimpleNamespace(vae=stage.net, vae_stage=stage, sr=None, device="cpu",
+                           base=SimpleNamespace(text_key="t"), lowres_of=lambda v: v)
+    conds = {"t": ({"text": torch.zeros(2, 3, 4)}, {})}                  # 2 videos
+    for T in (5, 6):
+        clip = image(T, (3, T, 16, 16))
+        out = Pipeline.render_input(pipe, clip, conds, None, None, False)
+        pad = torch.cat([clip[:, :1].expand(-1, int(T % 2 == 0), -1, -1), clip], 1)[None]
+        assert out.shape == (2, 3, T, 16, 16)
+        torch.testing.assert_close(out[1], stage.decode(stage.encode(pad))[0, :, -T:], atol=1e-5, rtol=0)
