@@ -58,8 +58,8 @@ def stage_step(name: str, overrides: list[str]):
     B, d = cfg.train.batch_size, cfg.data
     g = torch.Generator().manual_seed(5)
     if name == "vae":
-        from cascade.stages import VAEStage
         from cascade.seeding import RowGenerators
+        from cascade.stages import VAEStage
         stage = VAEStage(cfg)
         video = torch.rand(B, 3, d.frames, d.height, d.width, generator=g) * 2 - 1
         inputs = stage.prepare({"video": video}, RowGenerators(list(range(B))), "cpu")  # as the trainer

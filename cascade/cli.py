@@ -397,7 +397,7 @@ def conditions_from_args(args, got, fps: float):
         c = Conditions("i2v", {-1: got["last"]})
     else:
         c = Conditions.image_to_video(got["image"], got["last"])
-    c.keep_input = bool(getattr(args, "keep_input", False))
+    c.keep_input = args.keep_input
     return c
 
 

@@ -208,6 +208,7 @@ def plot_eval_curve(points: dict[int, str | Path], out: str | Path,
     ax.legend(fontsize=8, loc="lower right")
     return save_figure(fig, out)
 
+
 def learning_sheet(run: str | Path, out: str | Path, row: int = 0) -> Path:
     """One preview's row of every sample sheet a run wrote (RUN/samples/stepNNNNNN.png, made every
     `train.sample_every` steps from the EMA weights), stacked in step order with the step beside

@@ -67,6 +67,8 @@ class Result:
         interp_latent     the interp stage's latent frames (N, Cz, (Kb-1)*r^passes + 1, h, w)
         interp            those frames decoded                          (only when interp ran)
         lowres            the video before super-resolution (= interp, or keyframes without interp)
+                          (interp and lowres of an extend or connect, unless keep_input: the
+                          written frames, the input's decoded with the clip's; `with_input`)
         final             the output video (= lowres without sr) - the same tensor as `video`
     timings: seconds per stage that ran, of base (text encoding included: it is shared by all
         stages and computed once), interp, vae (every decode), sr.
@@ -501,7 +503,7 @@ class Pipeline:
             x is not None and x.shape[1] for x in (plan.prefix, plan.suffix))
         with step("vae"):
             video = self.vae_stage.decode(self.with_input(latents, plan) if joint else latents)
-            out["keyframes"] = self.vae_stage.decode(out["keyframes_latent"]) if passes else video
+            out["keyframes"] = self.vae_stage.decode(out["keyframes_latent"]) if passes or joint else video
             if "lowres" in given and keep:                           # the given frames themselves
                 frames, m = rows(given["lowres"])
                 m = m.to(video)[:, None, :, None, None]

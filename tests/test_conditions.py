@@ -347,16 +347,16 @@ def test_render_input_pads_a_temporally_compressing_vae():
     """A VAE that codes s = 2 frames in one latent frame takes 1 + 2k frames: `render_input` puts
     the first frame in front of an even-length input and cuts it after, so every input frame
     comes back, each its round trip through the VAE (no SR here)."""
+    from pathlib import Path
     from types import SimpleNamespace
 
     from cascade.config import load_config
     from cascade.pipeline import Pipeline
     from cascade.stages import VAEStage
     torch.manual_seed(0)
-    from pathlib import Path
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny/vae.yaml", ["vae.channels=8", "vae.channel_mults=[1,2]",
-                                                 "vae.temporal_down=[true]", "vae.groups=4",
-                                                 "vae.frame_encoder=false"])
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny/vae.yaml",
+                      ["vae.channels=8", "vae.channel_mults=[1,2]", "vae.temporal_down=[true]",
+                       "vae.groups=4", "vae.frame_encoder=false"])
     stage = VAEStage(cfg)
     stage.net.eval()
     assert stage.net.temporal_factor == 2
