@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cascade.registry import SAMPLER_NAMES
+from cascade.registry import EDIT_INJECT, SAMPLER_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASCADE = REPO / "configs" / "cascade" / "tiny_full.yaml"
@@ -169,7 +169,8 @@ def cmd_edit(args) -> None:
     video, rate = read_video_tensor(args.video)
     adapters = [parse_adapter_arg(a) for a in args.adapter or []]
     caption = args.caption or next((c for c in (tuned_caption(a) for a, _ in adapters) if c), None)
-    conditions = Conditions.edit(video, args.strength, args.inversion, caption)   # checks first
+    conditions = Conditions.edit(video, args.strength, args.inversion, caption,    # checks first
+                                 args.inject if args.inversion == "ddim" else 0.0)
     cc = load_cascade(args.cascade)
     stages = find_stages(args, cc, {"vae", "base", "interp", "sr"})
     pipe = Pipeline(stages, "cuda" if torch.cuda.is_available() else "cpu", adapters=adapters)
@@ -613,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the clip with its caption, sample back with the prompt; none: SDEdit")
     ed.add_argument("--strength", type=float, default=1.0, help="the noise level the edit starts "
                     "from, in (0, 1] (default 1 with ddim inversion; SDEdit: try 0.6)")
+    ed.add_argument("--inject", type=float, default=EDIT_INJECT, help="ddim inversion: the share "
+                    "of sampling steps, from the noisy end, given the source's self-attention maps "
+                    f"(Plug-and-Play), keeping its layout and motion; 0: off (default {EDIT_INJECT})")
     ed.add_argument("--stages", help="folder of exported stages (default: the cascade's)")
     ed.add_argument("--cascade", default=str(DEFAULT_CASCADE), help="cascade YAML")
     ed.add_argument("--out", default="outputs")
@@ -705,8 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to measure: text to video (default), or a frame-prompted task "
                         "(cascade/evaluate_tasks.py)")
     e.add_argument("--frames", type=int, help="--task long: the videos' frame count")
-    e.add_argument("--edit-methods", default="sdedit,inversion,tuned", help="--task edit: "
-                   "comma-separated sdedit, inversion, tuned (Tune-A-Video: a LoRA per clip first)")
+    e.add_argument("--edit-methods", default="sdedit,inversion,injected,tuned,tuned_injected",
+                   help="--task edit: comma-separated sdedit, inversion, injected (inversion with the "
+                   "source's attention, cascade edit --inject), tuned (Tune-A-Video: a LoRA per clip "
+                   "first), tuned_injected")
     e.add_argument("--tune-steps", type=int, default=100, help="--task edit, tuned: LoRA steps per clip")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)

@@ -77,6 +77,7 @@ class Conditions:
     strength: float | None = None                  # edit: the noise level it starts from, in (0, 1]
     inversion: str = "none"                        # edit: none (SDEdit: noised with fresh noise) | ddim
     caption: str | None = None                     # edit with ddim inversion: the input's own caption
+    inject: float = 0.0                            # edit with ddim inversion: steps given the source's attention
     keep_input: bool = False                       # write the given / input frames unchanged
 
     def __post_init__(self):
@@ -109,10 +110,12 @@ class Conditions:
 
     @classmethod
     def edit(cls, video: torch.Tensor, strength: float, inversion: str = "none",
-             caption: str | None = None) -> "Conditions":
+             caption: str | None = None, inject: float = 0.0) -> "Conditions":
         """Edit the video with the call's prompt from noise level `strength`: inversion none is
         SDEdit (Meng et al. 2022: noised with fresh noise), ddim inverts its keyframes with their
-        `caption` to that level (Tune-A-Video; `Diffusion.invert`) and samples back with DDIM."""
+        `caption` to that level (Tune-A-Video; `Diffusion.invert`) and samples back with DDIM;
+        inject (ddim only): the share of those steps, from the noisy end, that take the source's
+        self-attention maps (Plug-and-Play; cascade/injection.py), keeping its layout and motion."""
         if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
             raise ValueError(f"--strength: must be in (0, 1], got {strength!r}")
         if inversion not in ("none", "ddim"):
@@ -120,7 +123,13 @@ class Conditions:
         if inversion == "ddim" and not (caption and caption.strip()):
             raise ValueError("--inversion ddim: needs the input video's own caption (--caption, or "
                              "an adapter from cascade tune, which records it)")
-        return cls("edit", video=video, strength=float(strength), inversion=inversion, caption=caption)
+        if not (isinstance(inject, (int, float)) and 0 <= inject <= 1):
+            raise ValueError(f"--inject: must be in [0, 1], got {inject!r}")
+        if inject and inversion != "ddim":
+            raise ValueError("--inject: attention injection needs --inversion ddim (the source's "
+                             "attention comes from its inversion)")
+        return cls("edit", video=video, strength=float(strength), inversion=inversion, caption=caption,
+                   inject=float(inject))
 
 
 def fit(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -152,7 +161,7 @@ class Plan:
     length: frames the cascade makes; given: output frame -> image (3, H, W) at the output size;
     prefix / suffix: input frames written before / after them unchanged (extend, connect);
     backward: keyframe windows fill from the end; loop: the last frame is tied to the first
-    and dropped from the output; source, strength: edit; keep_input: the given frames and the
+    and dropped from the output; source, strength, inversion, caption, inject: edit; keep_input: the given frames and the
     prefix / suffix are written unchanged (else as the cascade renders them)."""
     length: int
     given: dict = field(default_factory=dict)
@@ -164,6 +173,7 @@ class Plan:
     strength: float | None = None
     inversion: str = "none"
     caption: str | None = None
+    inject: float = 0.0
     cut: int | None = None                         # frames of `length` kept (extend: the rounding up cut off)
     keep_input: bool = False
 
@@ -236,5 +246,5 @@ def _plan(c: Conditions, reachable, step: int, context: int, default_length: int
                              f"{total} the cascade makes: give --frames with at most "
                              f"{video.shape[1]} (it makes 1 + {step} x k frames)")
         return Plan(total, source=video[:, :total], strength=c.strength, inversion=c.inversion,
-                    caption=c.caption)
+                    caption=c.caption, inject=c.inject)
     return Plan(total, given)

@@ -329,7 +329,7 @@ class Diffusion:
     @torch.no_grad()
     def sample(self, net, noise, cond, uncond=None, steps=None, guidance=None, sampler=None,
                progress=False, generator=None, guidance_interval=None, image_guidance=None,
-               null_image=None, known=None, start=None, start_noised=False):
+               null_image=None, known=None, start=None, start_noised=False, reference=None):
         """Draw x0 from noise at t=1: the guided denoiser run by a sampler over `time_grid(steps)`.
         None falls back to the config's steps / guidance / sampler / guidance_interval;
         image_guidance with null_image: three-way guidance (`guided_denoiser`).
@@ -338,7 +338,9 @@ class Diffusion:
         start: (x0_source, strength) for SDEdit (Meng et al. 2022): the source noised with `noise`
         to t = strength and denoised from there over the grid's last round(steps * strength)
         steps, so a strength of 1 is sampling from pure noise and 0.3 keeps the source's layout;
-        start_noised: the source is already at that level (`invert` to `strength`), used as is."""
+        start_noised: the source is already at that level (`invert` to `strength`), used as is.
+        reference: a `cascade.injection.SourceAttention` the source was inverted with: its
+        self-attention maps are given to the first steps (attention injection)."""
         steps = self.cfg.steps if steps is None else steps
         guidance = self.cfg.guidance if guidance is None else guidance
         interval = self.cfg.guidance_interval if guidance_interval is None else guidance_interval
@@ -349,6 +351,8 @@ class Diffusion:
                                   null_image)
         if known is not None:
             denoise = keep_known(denoise, *known)
+        if reference is not None:
+            denoise = reference.wrap(denoise, net, self)
         ts, x = time_grid(steps, noise.device), noise
         if start is not None:
             source, strength = start
@@ -359,16 +363,20 @@ class Diffusion:
 
     @torch.no_grad()
     def invert(self, net, x0, cond, uncond=None, steps=None, guidance=1.0, progress=False,
-               guidance_interval=None, strength: float = 1.0):
+               guidance_interval=None, strength: float = 1.0, states=None):
         """Data -> noise by DDIM inversion (`invert_ddim`) over `time_grid(steps)` reversed (to
         t = strength over the same grid as `sample`'s start), with the guided denoiser (guidance
         1: the conditional prediction alone, as Tune-A-Video inverts), so that `sample(...,
-        sampler="ddim")` from the result with the same steps gives about x0 back."""
+        sampler="ddim")` from the result with the same steps gives about x0 back. states: a
+        `cascade.injection.SourceAttention` that keeps every x_t on the way and `cond`, for the
+        edit's attention injection."""
         steps = self.cfg.steps if steps is None else steps
         interval = self.cfg.guidance_interval if guidance_interval is None else guidance_interval
         denoise = guided_denoiser(net, cond, uncond, guidance, self, interval)
+        if states is not None:
+            states.cond = cond
         return invert_ddim(denoise, x0, partial_grid(steps, strength, x0.device).flip(0),
-                           progress=progress)
+                           progress=progress, states=states)
 
 
 def keep_known(denoise, values: torch.Tensor, mask: torch.Tensor):
@@ -570,7 +578,7 @@ def sample_heun(denoise, x, ts, generator=None, progress=False):
 
 
 @torch.no_grad()
-def invert_ddim(denoise, x, ts, generator=None, progress=False):
+def invert_ddim(denoise, x, ts, generator=None, progress=False, states=None):
     """Deterministic DDIM inversion (Song et al. 2021, eq. 13 run from data to noise; Tune-A-Video
     and null-text inversion use it): the DDIM step with time running up, ts from 0 to 1, so that
     `sample_ddim` over the reversed grid maps the result back to about x. Not exact by design: each
@@ -581,13 +589,16 @@ def invert_ddim(denoise, x, ts, generator=None, progress=False):
         1. x0_hat = D(x_t, t), eps_hat = (x_t - alpha_t x0_hat) / sigma_t; at t = 0 the network
            is asked at s instead (it never saw exact data, and eps is undefined there)
         2. x_s = alpha_s x0' + sigma_s eps_hat, x0' = (x_t - sigma_t eps_hat) / alpha_t
-    Returns x at ts[-1] (noise when ts[-1] = 1)."""
+    Returns x at ts[-1] (noise when ts[-1] = 1). states: anything with `record_state(t, x)`,
+    given every x_s on the way (`cascade.injection.SourceAttention`)."""
     alpha, sigma, _ = _levels(denoise, ts, x)
     for i in _loop(ts, progress, "ddim inversion"):
         j = i + 1 if sigma[i] < 1e-3 else i                                # data: ask at the next level
         x0 = denoise(x, ts[j].expand(x.shape[0]))
         eps = (x - alpha[j] * x0) / sigma[j]
         x = alpha[i + 1] * (x - sigma[i] * eps) / alpha[i] + sigma[i + 1] * eps
+        if states is not None:
+            states.record_state(ts[i + 1], x)
     return x
 
 

@@ -26,9 +26,11 @@ connect joins, the clip edit changes), the cascade runs, and the video written i
                  others as the source's, and the track's mean distance from the source's
                  (fraction of the side). Methods (EDIT_METHODS): sdedit (the clip noised with fresh
                  noise to S, a curve over EDIT_STRENGTHS), inversion (its keyframes DDIM-inverted
-                 with its own caption, sampled back with DDIM and the edited prompt), tuned
-                 (inversion after Tune-A-Video's one-shot tuning: a LoRA fitted to the clip first,
-                 cascade/tuning.py)
+                 with its own caption, sampled back with DDIM and the edited prompt), injected
+                 (inversion, the source's attention maps given to the first EDIT_INJECT of the
+                 steps, cascade/injection.py), tuned (inversion after Tune-A-Video's one-shot
+                 tuning: a LoRA fitted to the clip first, cascade/tuning.py), tuned_injected
+                 (both)
 """
 from __future__ import annotations
 
@@ -41,11 +43,12 @@ from cascade.conditions import Conditions, fit
 from cascade.data.synthetic import (BACKGROUNDS, COLOURS, SHAPES, make_caption, parse_caption,
                                     place, render)
 from cascade.evaluate import FACTORS, analyse
+from cascade.registry import EDIT_INJECT
 
 TASKS = ("i2v", "extend", "connect", "loop", "long", "edit", "invert")
 INVERT_STEPS = (10, 25, 50, 100)
 EDIT_STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
-EDIT_METHODS = ("sdedit", "inversion", "tuned")
+EDIT_METHODS = ("sdedit", "inversion", "injected", "tuned", "tuned_injected")
 EDITS = ("colour", "shape", "background", "direction")
 
 
@@ -131,7 +134,8 @@ def rendered_psnr(pipe, prompt: str, frames: torch.Tensor, sampling: dict, seed:
 
 
 def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, length: int | None,
-             strength: float | None = None, edit: str | None = None, method: str = "sdedit") -> dict:
+             strength: float | None = None, edit: str | None = None, method: str = "sdedit",
+             inject: float = EDIT_INJECT) -> dict:
     """One video of `task` for `prompt` -> its measures (see the module docstring)."""
     H, W = (s * pipe.vae.spatial_factor * (pipe.sr.cfg.sr.scale if pipe.sr is not None else 1)
             for s in pipe.latent_size_for(None, None))
@@ -185,7 +189,8 @@ def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, le
 
             from cascade.sampling import StageSampling
             kw["base"] = replace(StageSampling.of(kw.get("base")), sampler="ddim")
-        v = pipe(new, conditions=Conditions.edit(src, strength, inv, prompt), **kw).video[0]
+        c = Conditions.edit(src, strength, inv, prompt, inject if method.endswith("injected") else 0.0)
+        v = pipe(new, conditions=c, **kw).video[0]
         want, got, orig = parse_caption(new), analyse(v, rate), parse_caption(prompt)
         key = "motion" if edit == "direction" else edit
         others = [f for f in FACTORS if f != key]
@@ -276,7 +281,7 @@ def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress) ->
         tuned = None
         for method in methods:
             target = pipe
-            if method == "tuned":                                          # one LoRA per clip
+            if method.startswith("tuned") and tuned is None:             # one LoRA per clip
                 with tempfile.TemporaryDirectory() as tmp:
                     H, W = (x * pipe.vae.spatial_factor * (pipe.sr.cfg.sr.scale if pipe.sr else 1)
                             for x in pipe.latent_size_for(None, None))
@@ -289,6 +294,7 @@ def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress) ->
                                    stage_folder(folder, "vae"), steps=tune_steps, seed=seed,
                                    progress=False)
                     tuned = Pipeline(folder, pipe.device, adapters=[str(adapter)])
+            if method.startswith("tuned"):
                 target = tuned
             for e in EDITS:
                 for s in (EDIT_STRENGTHS if method == "sdedit" else (1.0,)):
@@ -304,8 +310,8 @@ def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling
                   methods=EDIT_METHODS, tune_steps: int = 100) -> dict:
     """Every prompt through `task` on the cascade in `folder` -> {"rows": per video, "summary":
     means, "videos": the first 8 videos (for a contact sheet)}; edit: one summary per method,
-    attribute and strength (sdedit: the curve over S; inversion and tuned: from S = 1). tuned
-    fits a LoRA (`tuning.tune`, tune_steps) to each clip first."""
+    attribute and strength (sdedit: the curve over S; the others from S = 1). tuned and
+    tuned_injected fit one LoRA (`tuning.tune`, tune_steps) to each clip first."""
     from tqdm.auto import tqdm
 
     from cascade.pipeline import Pipeline
@@ -321,6 +327,9 @@ def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling
                 for i, p in enumerate(tqdm(prompts, desc=f"eval {task}", disable=not progress))]
         summary = summarise(rows)
     else:
+        bad = [m for m in methods if m not in EDIT_METHODS]
+        if bad:
+            raise ValueError(f"--edit-methods: {', '.join(bad)} not among {', '.join(EDIT_METHODS)}")
         rows = edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress)
         summary = {f"{m} {e} S={s}": summarise(g) for (m, e, s), g in _groups(rows).items()}
     videos = [r.pop("video") for r in rows if "video" in r][:8]

@@ -24,6 +24,7 @@ import torch
 from cascade.conditions import Conditions
 from cascade.config import ConfigError
 from cascade.heap import malloc_trim
+from cascade.injection import SourceAttention
 from cascade.sampling import MAX_GUIDANCE, MAX_STEPS, StageSampling, check_number, resolve_sampling
 from cascade.seeding import RowGenerators
 from cascade.stages import BaseStage, InterpStage, SRStage, VAEStage, keyframe_groups
@@ -479,17 +480,18 @@ class Pipeline:
                     keys[0][:, :, 0], keys[1][:, 0] = first[:, :, 0], 1
                 keys = (keys[0].clone(), keys[1].clone())
                 keys[0][:, :, -1], keys[1][:, -1] = keys[0][:, :, 0], 1
-            start = None
+            start = reference = None
             if "source" in given:                                    # an edit of the source's keyframes
                 source = rows((given["source"],))[0]
                 start = (source, plan.strength)
                 if plan.inversion == "ddim":                         # inverted with its own caption
                     caption = self.base.encode_text([plan.caption] * B)
+                    reference = SourceAttention(plan.inject) if plan.inject else None
                     start = (self.base.invert(source, *caption, sampling["base"], plan.strength,
-                                              progress), plan.strength, True)
+                                              progress, reference), plan.strength, True)
             latents = self.base.sample(shape, *conds[self.base.text_key], sampling["base"],
                                        streams("base"), progress, keys, start,
-                                       plan.backward if plan is not None else False)
+                                       plan.backward if plan is not None else False, reference)
         bar.update()
         out["keyframes_latent"] = latents
         for i in range(passes):

@@ -19,6 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from cascade.registry import EDIT_INJECT
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")     # no phoning home from a local app
 
 TASKS = ("Text to video", "Image to video", "Extend", "Connect", "Loop", "Edit")
@@ -53,7 +55,8 @@ class Studio:
     def generate(self, task: str, prompt: str, image=None, last_image=None, video=None,
                  video_b=None, new_frames: int = 8, backward: bool = False, keep_input: bool = False,
                  strength: float = 0.6,
-                 inversion: str = "none", caption: str = "", seed: int = 0, frames: int | None = None,
+                 inversion: str = "none", caption: str = "", inject: float = EDIT_INJECT,
+                 seed: int = 0, frames: int | None = None,
                  height: int | None = None, width: int | None = None, base_steps=None,
                  base_guidance=None, base_sampler=None, interp_steps=None, sr_steps=None,
                  extend_prompt: bool = False, adapters: str = "", stage_outputs: bool = False,
@@ -91,7 +94,7 @@ class Studio:
             cond = Conditions.loop(read_image(image) if image else None)
         elif task == "Edit":
             cond = Conditions.edit(load_video(need(video, "a video")), float(strength), inversion,
-                                   caption or None)
+                                   caption or None, float(inject) if inversion == "ddim" else 0.0)
         if cond is not None:
             cond.keep_input = bool(keep_input)              # the given frames unchanged, not rendered
         num = lambda v: None if v in (None, "", 0) else v                  # noqa: E731  (0: default)
@@ -162,6 +165,9 @@ def build_app(studio: Studio):
                         inputs["inversion"] = gr.Radio(["none", "ddim"], value="none",
                                                        label="Inversion (none: SDEdit)")
                         inputs["caption"] = gr.Textbox(label="The video's own caption (ddim inversion)")
+                        inputs["inject"] = gr.Slider(0.0, 1.0, value=EDIT_INJECT, step=0.05,
+                                                     label="Source attention: share of steps "
+                                                           "(ddim inversion; keeps the layout)")
                     button = gr.Button("Generate", variant="primary", elem_id=f"go-{task.split()[0].lower()}")
                     tabs[task] = (inputs, button)
         with gr.Accordion("Settings", open=False):

@@ -151,6 +151,7 @@ class SelfAttention(nn.Module):
     temporal / full attention runs over all of them through Ulysses' all-to-alls."""
 
     sp_group = None
+    inject = None                # editing: a cascade.injection.SourceAttention sees (q, k) first
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -170,6 +171,8 @@ class SelfAttention(nn.Module):
             attn_scale = 1.0                                             # q came pre-scaled
         else:
             q, k, v = qkv.unbind(3)                                      # strided views, no copy
+        if self.inject is not None:
+            q, k = self.inject(q, k)
         if self.sp_group is not None and (layout is not None or not isinstance(mode, str)):
             raise ValueError("train.sequence_parallel: sequence parallelism does not take "
                              "train.pack_tokens or dit.attention=window")
@@ -188,6 +191,8 @@ class CrossAttention(nn.Module):
     """Queries from video tokens, keys/values from text tokens plus one learned null token that is
     always visible (so a fully dropped prompt still has a key to attend to)."""
 
+    inject = None                # editing: a cascade.injection.SourceAttention sees q first
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.heads = cfg.heads
@@ -200,6 +205,8 @@ class CrossAttention(nn.Module):
         s = (C // self.heads) ** -0.5                                    # 1/sqrt(d) in q's weights:
         w, b = weight_and_bias(self.q)                                   # (a LoRA layer: W + BA)
         q = F.linear(x, w * s, b * s).view(B, N, self.heads, C // self.heads)
+        if self.inject is not None:
+            q, = self.inject(q)
         k, v = self.kv(text).view(B, text.shape[1], 2, self.heads, C // self.heads).unbind(2)
         o = cross_attention(q, k, v, key_mask=mask, scale=1.0)           # no scaled copy of q
         return self.proj(o.reshape(B, N, C))

@@ -117,7 +117,8 @@ class BaseStage(DiffusionStage):
     # ------------------------------------------------------------------------- sampling
 
     def sample(self, shape: tuple, cond: dict, uncond: dict, sampling, generator, progress: bool,
-               given: tuple | None = None, start: tuple | None = None, backward: bool = False):
+               given: tuple | None = None, start: tuple | None = None, backward: bool = False,
+               reference=None):
         """Latent keyframes (B, Cz, Kb, h, w) = shape from noise drawn from `generator` (each
         video's own stream, `seeding.RowGenerators`).
 
@@ -130,6 +131,9 @@ class BaseStage(DiffusionStage):
         than dit.frames: `sample_windows` (backward: its windows fill from the end)."""
         from cascade.diffusion import _randn
         if shape[2] > self.cfg.dit.frames:
+            if reference is not None:
+                raise ValueError(f"--inject: {shape[2]} keyframes are more than the base's "
+                                 f"{self.cfg.dit.frames} (one window); use fewer --frames")
             return self.sample_windows(shape, cond, uncond, sampling, generator, progress, given,
                                        start, backward)
         like = next(self.net.parameters())                                 # float32, the net's device
@@ -146,15 +150,16 @@ class BaseStage(DiffusionStage):
         if given is not None:                      # kept along the sampler's path, exact at t = 0
             known = (given[0], given[1].to(noise.dtype)[:, None, :, None, None])
         return self.denoise(noise, cond, uncond, sampling, generator, progress, null, known,
-                            start)                                         # (B, Cz, Kb, h, w)
+                            start, reference)                              # (B, Cz, Kb, h, w)
 
     @torch.no_grad()
     def invert(self, latents: torch.Tensor, cond: dict, uncond: dict, sampling, strength: float = 1.0,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, states=None) -> torch.Tensor:
         """Keyframe latents (B, Cz, Kb, h, w) -> the same at noise level `strength` by DDIM
         inversion with their caption's `cond` at guidance 1 (Tune-A-Video; `Diffusion.invert`), over
         the sampling's steps: `sample(..., start=(result, strength, True))` with the DDIM sampler
-        and the same steps gives about them back (an edited prompt: the edit)."""
+        and the same steps gives about them back (an edited prompt: the edit). states: a
+        `cascade.injection.SourceAttention` to keep the way for the edit's attention injection."""
         if latents.shape[2] > self.cfg.dit.frames:
             raise ValueError(f"--inversion ddim: {latents.shape[2]} keyframes are more than the base's "
                              f"{self.cfg.dit.frames} (one window); use fewer --frames")
@@ -163,7 +168,7 @@ class BaseStage(DiffusionStage):
             null, _ = self.frame_inputs(None, latents, None)
             cond, uncond = {**cond, **null}, {**uncond, **null}
         return self.diffusion.invert(self.net, latents, cond, uncond, steps=s.steps, guidance=1.0,
-                                     progress=progress, strength=strength)
+                                     progress=progress, strength=strength, states=states)
 
     def sample_windows(self, shape: tuple, cond: dict, uncond: dict, sampling, generator,
                        progress: bool, given: tuple | None = None, start: tuple | None = None,

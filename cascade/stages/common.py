@@ -155,13 +155,14 @@ class DiffusionStage:
         return self.text(prompts), self.text.null(len(prompts))
 
     def denoise(self, noise, cond: dict, uncond: dict, sampling, generator, progress: bool,
-                null_image: dict | None = None, known=None, start=None):
+                null_image: dict | None = None, known=None, start=None, reference=None):
         """The network's sample from `noise` at t = 1, through the shared diffusion core, sampled
         as `sampling` says and, where it says None, as the stage's config.diffusion does.
         null_image: the frame inputs of "nothing given", for three-way guidance at the sampling's
         image_guidance (the stage's cond.image_guidance where it says None); known, start: what
         `Diffusion.sample` keeps as given and where an edit starts, (x, strength) or (x,
-        strength, True) for an x already at that level (inverted)."""
+        strength, True) for an x already at that level (inverted); reference: the source's
+        attention for an edit (`cascade.injection.SourceAttention`)."""
         s = resolve_sampling(sampling, config=self.cfg.diffusion)
         image = s.image_guidance if s.image_guidance is not None else self.cfg.cond.image_guidance
         return self.diffusion.sample(self.net, noise, cond, uncond, steps=s.steps,
@@ -171,7 +172,8 @@ class DiffusionStage:
                                      image_guidance=image if null_image is not None else None,
                                      null_image=null_image, known=known,
                                      start=start[:2] if start is not None else None,
-                                     start_noised=start is not None and len(start) > 2 and start[2])
+                                     start_noised=start is not None and len(start) > 2 and start[2],
+                                     reference=reference)
 
     def loss(self, net, inputs):
         """The shared diffusion loss on prepared inputs (x0, t, noise and `cond_keys`)."""
