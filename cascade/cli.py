@@ -169,8 +169,8 @@ def cmd_edit(args) -> None:
     video, rate = read_video_tensor(args.video)
     adapters = [parse_adapter_arg(a) for a in args.adapter or []]
     caption = args.caption or next((c for c in (tuned_caption(a) for a, _ in adapters) if c), None)
-    conditions = Conditions.edit(video, args.strength, args.inversion, caption,    # checks first
-                                 args.inject if args.inversion == "ddim" else 0.0)
+    inject = args.inject if args.inject is not None else EDIT_INJECT if args.inversion == "ddim" else 0.0
+    conditions = Conditions.edit(video, args.strength, args.inversion, caption, inject)  # checks first
     cc = load_cascade(args.cascade)
     stages = find_stages(args, cc, {"vae", "base", "interp", "sr"})
     pipe = Pipeline(stages, "cuda" if torch.cuda.is_available() else "cpu", adapters=adapters)
@@ -511,7 +511,7 @@ def eval_task(args, cc, prompts, device) -> None:
     report = evaluate_task(find_stages(args, cc, {"vae", "base"}, train=False), args.task, prompts,
                            args.seed, resolve_sampling(args, cc), device, args.frames,
                            progress=not args.no_progress, methods=tuple(args.edit_methods.split(",")),
-                           tune_steps=args.tune_steps)
+                           tune_steps=args.tune_steps, strengths=args.edit_strengths)
     summary = report["summary"] if args.task in ("edit", "invert") else {args.task: report["summary"]}
     cols = sorted({k for row in summary.values() for k in row})
     print("| " + " | ".join(["run", *cols]) + " |\n|" + "---|" * (len(cols) + 1))
@@ -614,9 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the clip with its caption, sample back with the prompt; none: SDEdit")
     ed.add_argument("--strength", type=float, default=1.0, help="the noise level the edit starts "
                     "from, in (0, 1] (default 1 with ddim inversion; SDEdit: try 0.6)")
-    ed.add_argument("--inject", type=float, default=EDIT_INJECT, help="ddim inversion: the share "
-                    "of sampling steps, from the noisy end, given the source's self-attention maps "
-                    f"(Plug-and-Play), keeping its layout and motion; 0: off (default {EDIT_INJECT})")
+    ed.add_argument("--inject", type=float, help="ddim inversion: the share of sampling steps, "
+                    "from the noisy end, given the source's attention maps (Plug-and-Play, "
+                    f"cascade/injection.py), keeping its layout and motion; 0: off (default {EDIT_INJECT})")
     ed.add_argument("--stages", help="folder of exported stages (default: the cascade's)")
     ed.add_argument("--cascade", default=str(DEFAULT_CASCADE), help="cascade YAML")
     ed.add_argument("--out", default="outputs")
@@ -714,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "source's attention, cascade edit --inject), tuned (Tune-A-Video: a LoRA per clip "
                    "first), tuned_injected")
     e.add_argument("--tune-steps", type=int, default=100, help="--task edit, tuned: LoRA steps per clip")
+    e.add_argument("--edit-strengths", default="0.2,0.4,0.6,0.8,1.0",
+                   type=lambda s: tuple(float(x) for x in s.split(",")),
+                   help="--task edit: the SDEdit strengths (comma-separated, each in (0, 1])")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
     c = sub.add_parser("cache", help="encode a stage's data set once (VAE latents + text) for "

@@ -264,7 +264,8 @@ def _groups(rows: list[dict]) -> dict:
     return out
 
 
-def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress) -> list[dict]:
+def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress,
+              strengths=EDIT_STRENGTHS) -> list[dict]:
     """Every prompt's clip edited in each attribute by each method (see the module docstring)."""
     import tempfile
 
@@ -274,7 +275,7 @@ def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress) ->
     from cascade.tuning import tune
     from cascade.video_io import write_mp4
     rows = []
-    bar = tqdm(total=len(prompts) * len(EDITS) * sum(len(EDIT_STRENGTHS) if m == "sdedit" else 1
+    bar = tqdm(total=len(prompts) * len(EDITS) * sum(len(strengths) if m == "sdedit" else 1
                                                      for m in methods), desc="eval edit",
                disable=not progress)
     for i, p in enumerate(prompts):
@@ -297,7 +298,7 @@ def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress) ->
             if method.startswith("tuned"):
                 target = tuned
             for e in EDITS:
-                for s in (EDIT_STRENGTHS if method == "sdedit" else (1.0,)):
+                for s in (strengths if method == "sdedit" else (1.0,)):
                     rows.append({**run_task(target, "edit", p, i, seed, dict(kw), None, s, e, method),
                                  "strength": s, "edit": e, "method": method})
                     bar.update()
@@ -307,11 +308,12 @@ def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress) ->
 
 def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling: dict | None = None,
                   device="cpu", length: int | None = None, progress: bool = True,
-                  methods=EDIT_METHODS, tune_steps: int = 100) -> dict:
+                  methods=EDIT_METHODS, tune_steps: int = 100, strengths=EDIT_STRENGTHS) -> dict:
     """Every prompt through `task` on the cascade in `folder` -> {"rows": per video, "summary":
     means, "videos": the first 8 videos (for a contact sheet)}; edit: one summary per method,
     attribute and strength (sdedit: the curve over S; the others from S = 1). tuned and
-    tuned_injected fit one LoRA (`tuning.tune`, tune_steps) to each clip first."""
+    tuned_injected fit one LoRA (`tuning.tune`, tune_steps) to each clip first; strengths: the
+    SDEdit curve's."""
     from tqdm.auto import tqdm
 
     from cascade.pipeline import Pipeline
@@ -330,7 +332,9 @@ def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling
         bad = [m for m in methods if m not in EDIT_METHODS]
         if bad:
             raise ValueError(f"--edit-methods: {', '.join(bad)} not among {', '.join(EDIT_METHODS)}")
-        rows = edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress)
+        if not strengths or not all(0 < s <= 1 for s in strengths):
+            raise ValueError(f"--edit-strengths: each must be in (0, 1], got {list(strengths)}")
+        rows = edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress, strengths)
         summary = {f"{m} {e} S={s}": summarise(g) for (m, e, s), g in _groups(rows).items()}
     videos = [r.pop("video") for r in rows if "video" in r][:8]
     return {"task": task, "seed": seed, "rows": rows, "summary": summary, "videos": videos,

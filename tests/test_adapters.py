@@ -168,3 +168,7 @@ def test_tune_then_edit_a_rendered_clip(cascade_dir, tmp_path, capsys):  # noqa:
                  "--steps", "1", "--no-progress"]) == 2                  # ddim without a caption
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the input video's own caption" in err[0]
+    assert main(["edit", str(clip), "a green square", "--stages", str(cascade_dir), "--out", str(out),
+                 "--inversion", "none", "--inject", "0.5", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--inject: attention injection needs --inversion ddim" in err[0]
