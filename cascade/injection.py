@@ -81,7 +81,8 @@ class SourceAttention:
 
     @contextmanager
     def hooked(self, net):
-        """Every self-attention layer of `net` calls this object while inside."""
+        """Every self-attention layer of `net` (and cross-attention layer, with `cross`) calls
+        this object while inside."""
         from cascade.models.dit import CrossAttention, SelfAttention
         kinds = (SelfAttention, CrossAttention) if self.cross else SelfAttention
         layers = [m for m in net.modules() if isinstance(m, kinds)]
