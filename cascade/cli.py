@@ -511,7 +511,8 @@ def eval_task(args, cc, prompts, device) -> None:
     report = evaluate_task(find_stages(args, cc, {"vae", "base"}, train=False), args.task, prompts,
                            args.seed, resolve_sampling(args, cc), device, args.frames,
                            progress=not args.no_progress, methods=tuple(args.edit_methods.split(",")),
-                           tune_steps=args.tune_steps, strengths=args.edit_strengths)
+                           tune_steps=args.tune_steps, strengths=args.edit_strengths,
+                           inject=args.inject)
     summary = report["summary"] if args.task in ("edit", "invert") else {args.task: report["summary"]}
     cols = sorted({k for row in summary.values() for k in row})
     print("| " + " | ".join(["run", *cols]) + " |\n|" + "---|" * (len(cols) + 1))
@@ -717,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--edit-strengths", default="0.2,0.4,0.6,0.8,1.0",
                    type=lambda s: tuple(float(x) for x in s.split(",")),
                    help="--task edit: the SDEdit strengths (comma-separated, each in (0, 1])")
+    e.add_argument("--inject", type=float, default=EDIT_INJECT, help="--task edit, injected and "
+                   f"tuned_injected: the share of steps given the source's attention (default {EDIT_INJECT})")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=cmd_eval)
     c = sub.add_parser("cache", help="encode a stage's data set once (VAE latents + text) for "

@@ -265,7 +265,7 @@ def _groups(rows: list[dict]) -> dict:
 
 
 def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress,
-              strengths=EDIT_STRENGTHS) -> list[dict]:
+              strengths=EDIT_STRENGTHS, inject: float = EDIT_INJECT) -> list[dict]:
     """Every prompt's clip edited in each attribute by each method (see the module docstring)."""
     import tempfile
 
@@ -299,7 +299,8 @@ def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress,
                 target = tuned
             for e in EDITS:
                 for s in (strengths if method == "sdedit" else (1.0,)):
-                    rows.append({**run_task(target, "edit", p, i, seed, dict(kw), None, s, e, method),
+                    rows.append({**run_task(target, "edit", p, i, seed, dict(kw), None, s, e, method,
+                                            inject),
                                  "strength": s, "edit": e, "method": method})
                     bar.update()
     bar.close()
@@ -308,12 +309,13 @@ def edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress,
 
 def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling: dict | None = None,
                   device="cpu", length: int | None = None, progress: bool = True,
-                  methods=EDIT_METHODS, tune_steps: int = 100, strengths=EDIT_STRENGTHS) -> dict:
+                  methods=EDIT_METHODS, tune_steps: int = 100, strengths=EDIT_STRENGTHS,
+                  inject: float = EDIT_INJECT) -> dict:
     """Every prompt through `task` on the cascade in `folder` -> {"rows": per video, "summary":
     means, "videos": the first 8 videos (for a contact sheet)}; edit: one summary per method,
     attribute and strength (sdedit: the curve over S; the others from S = 1). tuned and
     tuned_injected fit one LoRA (`tuning.tune`, tune_steps) to each clip first; strengths: the
-    SDEdit curve's."""
+    SDEdit curve's; inject: the injected methods' share of steps."""
     from tqdm.auto import tqdm
 
     from cascade.pipeline import Pipeline
@@ -334,7 +336,10 @@ def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling
             raise ValueError(f"--edit-methods: {', '.join(bad)} not among {', '.join(EDIT_METHODS)}")
         if not strengths or not all(0 < s <= 1 for s in strengths):
             raise ValueError(f"--edit-strengths: each must be in (0, 1], got {list(strengths)}")
-        rows = edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress, strengths)
+        if not 0 <= inject <= 1:
+            raise ValueError(f"--inject: must be in [0, 1], got {inject!r}")
+        rows = edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress, strengths,
+                         inject)
         summary = {f"{m} {e} S={s}": summarise(g) for (m, e, s), g in _groups(rows).items()}
     videos = [r.pop("video") for r in rows if "video" in r][:8]
     return {"task": task, "seed": seed, "rows": rows, "summary": summary, "videos": videos,
