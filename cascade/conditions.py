@@ -115,7 +115,7 @@ class Conditions:
         SDEdit (Meng et al. 2022: noised with fresh noise), ddim inverts its keyframes with their
         `caption` to that level (Tune-A-Video; `Diffusion.invert`) and samples back with DDIM;
         inject (ddim only): the share of those steps, from the noisy end, that take the source's
-        self-attention maps (Plug-and-Play; cascade/injection.py), keeping its layout and motion."""
+        attention maps (Plug-and-Play; cascade/injection.py), keeping its layout and motion."""
         if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
             raise ValueError(f"--strength: must be in (0, 1], got {strength!r}")
         if inversion not in ("none", "ddim"):
@@ -161,8 +161,9 @@ class Plan:
     length: frames the cascade makes; given: output frame -> image (3, H, W) at the output size;
     prefix / suffix: input frames written before / after them unchanged (extend, connect);
     backward: keyframe windows fill from the end; loop: the last frame is tied to the first
-    and dropped from the output; source, strength, inversion, caption, inject: edit; keep_input: the given frames and the
-    prefix / suffix are written unchanged (else as the cascade renders them)."""
+    and dropped from the output; source, strength, inversion, caption, inject: edit; keep_input:
+    the given frames and the prefix / suffix are written unchanged (else as the cascade renders
+    them)."""
     length: int
     given: dict = field(default_factory=dict)
     prefix: torch.Tensor | None = None             # (3, T, H, W)

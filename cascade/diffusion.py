@@ -340,7 +340,7 @@ class Diffusion:
         steps, so a strength of 1 is sampling from pure noise and 0.3 keeps the source's layout;
         start_noised: the source is already at that level (`invert` to `strength`), used as is.
         reference: a `cascade.injection.SourceAttention` the source was inverted with: its
-        self-attention maps are given to the first steps (attention injection)."""
+        attention maps are given to the first steps (attention injection)."""
         steps = self.cfg.steps if steps is None else steps
         guidance = self.cfg.guidance if guidance is None else guidance
         interval = self.cfg.guidance_interval if guidance_interval is None else guidance_interval
