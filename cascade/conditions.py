@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cascade.config import COND_TYPES, CondConfig
+from cascade.sampling import check_number
 
 
 def training_mask(c: CondConfig, gens, frames: int) -> torch.Tensor:
@@ -123,8 +124,7 @@ class Conditions:
         if inversion == "ddim" and not (caption and caption.strip()):
             raise ValueError("--inversion ddim: needs the input video's own caption (--caption, or "
                              "an adapter from cascade tune, which records it)")
-        if not (isinstance(inject, (int, float)) and 0 <= inject <= 1):
-            raise ValueError(f"--inject: must be in [0, 1], got {inject!r}")
+        check_number("--inject", inject, 0, 1)
         if inject and inversion != "ddim":
             raise ValueError("--inject: attention injection needs --inversion ddim (the source's "
                              "attention comes from its inversion)")

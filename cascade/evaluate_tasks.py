@@ -44,6 +44,7 @@ from cascade.data.synthetic import (BACKGROUNDS, COLOURS, SHAPES, make_caption, 
                                     place, render)
 from cascade.evaluate import FACTORS, analyse
 from cascade.registry import EDIT_INJECT
+from cascade.sampling import check_number
 
 TASKS = ("i2v", "extend", "connect", "loop", "long", "edit", "invert")
 INVERT_STEPS = (10, 25, 50, 100)
@@ -336,8 +337,7 @@ def evaluate_task(folder, task: str, prompts: list[str], seed: int = 0, sampling
             raise ValueError(f"--edit-methods: {', '.join(bad)} not among {', '.join(EDIT_METHODS)}")
         if not strengths or not all(0 < s <= 1 for s in strengths):
             raise ValueError(f"--edit-strengths: each must be in (0, 1], got {list(strengths)}")
-        if not 0 <= inject <= 1:
-            raise ValueError(f"--inject: must be in [0, 1], got {inject!r}")
+        check_number("--inject", inject, 0, 1)
         rows = edit_rows(pipe, folder, prompts, seed, kw, methods, tune_steps, progress, strengths,
                          inject)
         summary = {f"{m} {e} S={s}": summarise(g) for (m, e, s), g in _groups(rows).items()}

@@ -33,6 +33,8 @@ from contextlib import contextmanager
 
 import torch
 
+from cascade.sampling import check_number
+
 
 class SourceAttention:
     """The source's inversion states and its attention maps, shared with the edit's first
@@ -42,8 +44,7 @@ class SourceAttention:
     then to `Diffusion.sample(reference=...)` over the same grid."""
 
     def __init__(self, fraction: float, cross: bool = True):
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"--inject: must be in [0, 1], got {fraction!r}")
+        check_number("--inject", fraction, 0, 1)
         self.fraction = float(fraction)
         self.cross = cross                                   # the cross-attention's queries too
         self.states: dict[float, torch.Tensor] = {}          # t -> the source's x_t (B, ...)

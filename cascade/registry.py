@@ -18,5 +18,5 @@ DIT_SIZES = {                                      # dit.size: fills hidden / de
 SAMPLER_NAMES = ("ddim", "dpmpp_2m", "euler_ancestral", "euler", "heun")
 
 # cascade edit --inject: the share of an inverted edit's sampling steps given the source's
-# self-attention maps (cascade/injection.py; measured in docs/editing.md)
+# attention maps (cascade/injection.py; measured in docs/editing.md)
 EDIT_INJECT = 0.4
