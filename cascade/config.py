@@ -71,6 +71,7 @@ class VAEConfig:
     dead_code_threshold: float = 2.0               # vq: a code used less than this (EMA count) is restarted
     fsq_levels: list[int] = field(default_factory=list)   # fsq: levels per latent channel ([]: 5 each)
     min_code_usage: float = 0.05                   # vq / fsq: held-out code usage below this warns of collapse
+    shortcut: bool = False                         # DC-AE's parameter-free space<->channel shortcuts (vae.py)
 
 
 @dataclass

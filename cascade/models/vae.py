@@ -31,6 +31,15 @@ same frame encoded in its clip by half the latents' std), which a small diffusio
 learn to generate; per-frame latents are plain images in time. `decoder_conv = "2+1d"` factorises
 the decoder's convs (1 x 3 x 3 per frame, then causal 3 x 1 x 1: SVD's temporal decoder is built
 the same way, 2D blocks with temporal convs), 2.25x fewer taps than the full 3 x 3 x 3.
+
+`shortcut` adds DC-AE's residual autoencoding (Chen et al. 2024, "Deep Compression Autoencoder",
+Sec. 3.1): every down- and upsampling, and the bottleneck on both sides, gets a parameter-free
+path beside its conv: space-to-channel (2 x 2 pixels into channels, then channels averaged in
+groups to the output width) going down, channel-to-space (channels repeated, then spread over
+2 x 2 pixels) going up; in time, every other frame going down and nearest frames going up, as the
+causal stride-2 conv and the causal upsampling count frames. The convs then learn a residual over
+a path that already carries the picture, which DC-AE found makes high-compression autoencoders
+far easier to optimise. No parameters: an export without shortcuts keeps its state dict.
 """
 from __future__ import annotations
 
@@ -63,6 +72,46 @@ class CausalConv3d(nn.Module):
 
     def forward(self, x):                                                    # (B, Cin, T, H, W)
         return conv3d(x, self.weight, self.bias, self.stride, self.padding, causal=True)
+
+
+def space_to_channel(x: torch.Tensor, cout: int, temporal: bool = False) -> torch.Tensor:
+    """DC-AE's down shortcut: (B, C, T, H, W) -> (B, cout, T', H/2, W/2), 4C channels averaged in
+    groups of 4C / cout (T' = 1 + (T - 1) // 2, the frames 0, 2, 4, ..., where time halves)."""
+    if temporal:
+        x = x[:, :, ::2]
+    x = rearrange(x, "b c t (h i) (w j) -> b (c i j) t h w", i=2, j=2)
+    return x.unflatten(1, (cout, -1)).mean(2)
+
+
+def channel_to_space(x: torch.Tensor, cout: int, temporal: bool = False) -> torch.Tensor:
+    """DC-AE's up shortcut: (B, C, T, H, W) -> (B, cout, T', 2H, 2W), channels repeated to 4 cout
+    and spread over 2 x 2 pixels (T' = 1 + 2 (T - 1), nearest in time, where time doubles)."""
+    x = x.repeat_interleave(4 * cout // x.shape[1], dim=1)
+    x = rearrange(x, "b (c i j) t h w -> b c t (h i) (w j)", i=2, j=2)
+    return x.repeat_interleave(2, dim=2)[:, :, 1:] if temporal else x
+
+
+def channel_average(x: torch.Tensor, cout: int) -> torch.Tensor:
+    """(B, C, ...) -> (B, cout, ...): channels averaged in groups of C / cout (DC-AE's bottleneck
+    shortcut into the latent; channel_repeat is its inverse out of it)."""
+    return x.unflatten(1, (cout, -1)).mean(2)
+
+
+def channel_repeat(x: torch.Tensor, cout: int) -> torch.Tensor:
+    return x.repeat_interleave(cout // x.shape[1], dim=1)                    # (B, cout, ...)
+
+
+class Downsample(CausalConv3d):
+    """The encoder's stride-2 causal conv (stride 2 in time too where `temporal`), plus DC-AE's
+    space-to-channel shortcut where `shortcut` (module docstring). Its parameters are the conv's."""
+
+    def __init__(self, ch: int, kt: int, temporal: bool, shortcut: bool):
+        super().__init__(ch, ch, (kt, 3, 3), stride=(2 if temporal else 1, 2, 2))
+        self.temporal, self.shortcut = temporal, shortcut
+
+    def forward(self, x):                                                    # (B, C, T, H, W)
+        y = super().forward(x)                                               # (B, C, T', H/2, W/2)
+        return y + space_to_channel(x, x.shape[1], self.temporal) if self.shortcut else y
 
 
 class GroupNormSiLU(nn.Module):
@@ -146,15 +195,18 @@ class Upsample(nn.Module):
     next level's width (LDM narrows one res-block later; narrowing here halves the cost of the
     widest conv at the finer resolution, which on CPU is the decoder's most expensive layer)."""
 
-    def __init__(self, cin: int, cout: int, temporal: bool, separable: bool = False):
+    def __init__(self, cin: int, cout: int, temporal: bool, separable: bool = False,
+                 shortcut: bool = False):
         super().__init__()
         self.temporal, self.conv = temporal, causal_conv(cin, cout, 3, separable)
+        self.shortcut, self.cout = shortcut, cout
 
     def forward(self, x):                                                    # (B, C, T, H, W)
-        x = x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)      # (B, C, T, 2H, 2W)
+        y = x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)      # (B, C, T, 2H, 2W)
         if self.temporal:
-            x = x.repeat_interleave(2, dim=2)[:, :, 1:]                      # (B, C, 2T-1, 2H, 2W)
-        return self.conv(x)
+            y = y.repeat_interleave(2, dim=2)[:, :, 1:]                      # (B, C, 2T-1, 2H, 2W)
+        y = self.conv(y)                                                     # (B, Cout, T', 2H, 2W)
+        return y + channel_to_space(x, self.cout, self.temporal) if self.shortcut else y
 
 
 class Encoder(nn.Module):
@@ -172,14 +224,19 @@ class Encoder(nn.Module):
                 blocks.append(ResBlock(cin, ch, cfg.groups, kt))
                 cin = ch
             if i < len(chs) - 1:                                             # stride-2 conv downsampling
-                blocks.append(CausalConv3d(ch, ch, (kt, 3, 3),
-                                           stride=(2 if cfg.temporal_down[i] else 1, 2, 2)))
+                blocks.append(Downsample(ch, kt, cfg.temporal_down[i], cfg.shortcut))
         self.blocks = nn.Sequential(*blocks, MidBlock(cin, cfg.groups, kt))
         moments = 2 if cfg.bottleneck == "kl" else 1                        # (mean, logvar) or codes
         self.conv_out = CausalConv3d(cin, moments * cfg.latent_channels, (kt, 3, 3))
+        self.shortcut, self.latent_channels = cfg.shortcut, cfg.latent_channels
 
     def forward(self, x):                                                    # (B, 3, T, H, W)
-        return self.conv_out(F.silu(self.blocks(self.conv_in(x))))          # (B, 2Cz or Cz, T', h, w)
+        h = self.blocks(self.conv_in(x))                                     # (B, C, T', h, w)
+        out = self.conv_out(F.silu(h))                                       # (B, 2Cz or Cz, T', h, w)
+        if not self.shortcut:
+            return out
+        cz = self.latent_channels                                            # the mean (kl) or codes get it
+        return torch.cat([out[:, :cz] + channel_average(h, cz), out[:, cz:]], 1)
 
 
 class Decoder(nn.Module):
@@ -188,19 +245,23 @@ class Decoder(nn.Module):
         chs = [cfg.channels * m for m in cfg.channel_mults]
         cin = chs[-1]
         sep = cfg.decoder_conv == "2+1d"
+        self.shortcut = cfg.shortcut
         blocks = [causal_conv(cfg.latent_channels, cin, 3, sep), MidBlock(cin, cfg.groups, 3, sep)]
         for i in reversed(range(len(chs))):
             for _ in range(cfg.num_res_blocks + 1):                          # one more than the encoder (LDM)
                 blocks.append(ResBlock(cin, chs[i], cfg.groups, 3, sep))
                 cin = chs[i]
             if i > 0:                                                        # mirrors downsampling i - 1
-                blocks.append(Upsample(cin, chs[i - 1], cfg.temporal_down[i - 1], sep))
+                blocks.append(Upsample(cin, chs[i - 1], cfg.temporal_down[i - 1], sep, cfg.shortcut))
                 cin = chs[i - 1]
         self.blocks = nn.Sequential(*blocks)
         self.conv_out = causal_conv(cin, cfg.in_channels, 3, sep)
 
     def forward(self, z):                                                    # (B, Cz, T', h, w)
-        return self.conv_out(F.silu(self.blocks(z)))                         # (B, 3, T, H, W)
+        h = self.blocks[0](z)                                                # (B, C, T', h, w)
+        if self.shortcut:
+            h = h + channel_repeat(z, h.shape[1])
+        return self.conv_out(F.silu(self.blocks[1:](h)))                     # (B, 3, T, H, W)
 
 
 class DiagonalGaussian:
@@ -244,6 +305,13 @@ class VideoVAE(nn.Module):
                              "set vae.temporal_down to all false")
         if cfg.bottleneck not in ("kl", "vq", "fsq"):
             raise ValueError(f"vae.bottleneck: '{cfg.bottleneck}' is not one of kl, vq, fsq")
+        if cfg.shortcut:
+            chs = [cfg.channels * m for m in cfg.channel_mults]
+            ups = all(4 * b % a == 0 for a, b in zip(chs[1:], chs[:-1]))    # cin -> cout going up
+            if not ups or chs[-1] % cfg.latent_channels:
+                raise ValueError(f"vae.shortcut: widths {chs} and {cfg.latent_channels} latent "
+                                 "channels do not fit DC-AE's shortcuts (4 x each level's width "
+                                 "must be a multiple of the next one's, the last of the latent's)")
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         # vq / fsq (cascade/models/quantize.py): the encoder's output quantized, not sampled

@@ -63,12 +63,14 @@ def test_image_is_a_one_frame_video():
     assert m.decode_image(post.mode()).shape == img.shape
 
 
+@pytest.mark.parametrize("shortcut", [False, True])
 @pytest.mark.parametrize("tdown", [[False, False], [True, False], [True, True]])
-def test_causality(tdown):
+def test_causality(tdown, shortcut):
     """Pixel frame f lives in latent slot ceil(f / s): changing it leaves every earlier slot of the
-    latent unchanged, and changing latent slot t leaves every pixel frame of earlier slots unchanged."""
+    latent unchanged, and changing latent slot t leaves every pixel frame of earlier slots unchanged
+    (also through DC-AE's shortcuts, which take frames 0, 2, ... going down)."""
     torch.manual_seed(0)
-    m = VideoVAE(tiny_cfg(channel_mults=[1, 2, 2], temporal_down=tdown)).eval()
+    m = VideoVAE(tiny_cfg(channel_mults=[1, 2, 2], temporal_down=tdown, shortcut=shortcut)).eval()
     s, T = m.temporal_factor, 9
     x = video(B=1, T=T, H=8, W=8)
     with torch.no_grad():
@@ -226,3 +228,32 @@ def test_separable_decoder_is_causal_and_cheaper():
     assert (y[:, :, 3:] - y2[:, :, 3:]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="decoder_conv"):
         VideoVAE(tiny_cfg(decoder_conv="3D"))
+
+
+def test_dc_ae_shortcuts():
+    """vae.shortcut (DC-AE): space-to-channel and channel-to-space are exact inverses at 4x the
+    width; a 2 x 2 block of one value goes down to that value and comes back up as the block; the
+    shortcuts add no parameters (an export without them keeps its state dict) and give the shapes
+    of the plain VAE; widths that do not fit are one line."""
+    x = torch.randn(2, 3, 5, 4, 6)
+    torch.testing.assert_close(vae_mod.channel_to_space(vae_mod.space_to_channel(x, 12), 3), x)
+    flat = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(1, 6, 3, 2, 2)     # every 2 x 2 block one value
+    down = vae_mod.space_to_channel(flat, 6, temporal=True)                  # (1, 6, 2, 1, 1): frames 0, 2
+    assert down.shape == (1, 6, 2, 1, 1)
+    torch.testing.assert_close(down.flatten(1, 2), torch.arange(6.0).repeat_interleave(2).view(1, 12, 1, 1))
+    up = vae_mod.channel_to_space(down, 6, temporal=True)                    # (1, 6, 3, 2, 2)
+    torch.testing.assert_close(up, flat)
+    torch.manual_seed(0)
+    plain = VideoVAE(tiny_cfg(channel_mults=[1, 2, 2], temporal_down=[True, False]))
+    torch.manual_seed(0)
+    short = VideoVAE(tiny_cfg(channel_mults=[1, 2, 2], temporal_down=[True, False], shortcut=True))
+    assert plain.state_dict().keys() == short.state_dict().keys()
+    short.load_state_dict(plain.state_dict())
+    v = video(B=1, T=5)
+    with torch.no_grad():
+        assert short.encode(v).mean.shape == plain.encode(v).mean.shape == (1, 4, 3, 4, 4)
+        assert not torch.allclose(short.encode(v).mean, plain.encode(v).mean)
+        assert short(v)[0].shape == v.shape
+    with pytest.raises(ValueError, match="vae.shortcut"):
+        VideoVAE(tiny_cfg(channels=6, channel_mults=[1, 2, 3], temporal_down=[False, False],
+                           groups=0, latent_channels=4, shortcut=True))
