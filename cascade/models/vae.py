@@ -79,15 +79,13 @@ def space_to_channel(x: torch.Tensor, cout: int, temporal: bool = False) -> torc
     groups of 4C / cout (T' = 1 + (T - 1) // 2, the frames 0, 2, 4, ..., where time halves)."""
     if temporal:
         x = x[:, :, ::2]
-    x = rearrange(x, "b c t (h i) (w j) -> b (c i j) t h w", i=2, j=2)
-    return x.unflatten(1, (cout, -1)).mean(2)
+    return channel_average(rearrange(x, "b c t (h i) (w j) -> b (c i j) t h w", i=2, j=2), cout)
 
 
 def channel_to_space(x: torch.Tensor, cout: int, temporal: bool = False) -> torch.Tensor:
     """DC-AE's up shortcut: (B, C, T, H, W) -> (B, cout, T', 2H, 2W), channels repeated to 4 cout
     and spread over 2 x 2 pixels (T' = 1 + 2 (T - 1), nearest in time, where time doubles)."""
-    x = x.repeat_interleave(4 * cout // x.shape[1], dim=1)
-    x = rearrange(x, "b (c i j) t h w -> b c t (h i) (w j)", i=2, j=2)
+    x = rearrange(channel_repeat(x, 4 * cout), "b (c i j) t h w -> b c t (h i) (w j)", i=2, j=2)
     return x.repeat_interleave(2, dim=2)[:, :, 1:] if temporal else x
 
 
