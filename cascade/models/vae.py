@@ -74,6 +74,11 @@ class CausalConv3d(nn.Module):
         return conv3d(x, self.weight, self.bias, self.stride, self.padding, causal=True)
 
 
+def level_widths(cfg: VAEConfig) -> list[int]:
+    """The width of each level, finest first (cfg.channels x cfg.channel_mults)."""
+    return [cfg.channels * m for m in cfg.channel_mults]
+
+
 def space_to_channel(x: torch.Tensor, cout: int, temporal: bool = False) -> torch.Tensor:
     """DC-AE's down shortcut: (B, C, T, H, W) -> (B, cout, T', H/2, W/2), 4C channels averaged in
     groups of 4C / cout (T' = 1 + (T - 1) // 2, the frames 0, 2, 4, ..., where time halves)."""
@@ -213,7 +218,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        chs = [cfg.channels * m for m in cfg.channel_mults]
+        chs = level_widths(cfg)
         kt = 1 if cfg.frame_encoder else 3
         self.conv_in = CausalConv3d(cfg.in_channels, chs[0], (kt, 3, 3))
         blocks, cin = [], chs[0]
@@ -240,7 +245,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        chs = [cfg.channels * m for m in cfg.channel_mults]
+        chs = level_widths(cfg)
         cin = chs[-1]
         sep = cfg.decoder_conv == "2+1d"
         self.shortcut = cfg.shortcut
@@ -304,7 +309,7 @@ class VideoVAE(nn.Module):
         if cfg.bottleneck not in ("kl", "vq", "fsq"):
             raise ValueError(f"vae.bottleneck: '{cfg.bottleneck}' is not one of kl, vq, fsq")
         if cfg.shortcut:
-            chs = [cfg.channels * m for m in cfg.channel_mults]
+            chs = level_widths(cfg)
             ups = all(4 * b % a == 0 for a, b in zip(chs[1:], chs[:-1]))    # cin -> cout going up
             if not ups or chs[-1] % cfg.latent_channels:
                 raise ValueError(f"vae.shortcut: widths {chs} and {cfg.latent_channels} latent "
