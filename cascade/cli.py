@@ -785,7 +785,19 @@ def main(argv=None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"cascade {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Destroy the process group `cascade train` joined (train.init_distributed), so the gloo
+    threads are joined before the interpreter exits: left to the exit, a rank of a 2-process run
+    may abort after its work is done ("terminate called without an active exception")."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()               # no barrier: train() ends on one, and a failed
+                                                   # rank must not wait for the others
 
 
 if __name__ == "__main__":
