@@ -791,11 +791,13 @@ def main(argv=None) -> int:
 
 
 def leave_process_group() -> None:
-    """Destroy the process group `cascade train` joined (train.init_distributed), so the gloo
-    threads are joined before the interpreter exits: left to the exit, a rank of a 2-process run
-    may abort after its work is done ("terminate called without an active exception")."""
+    """Destroy the process group of a multi-process `cascade train` (a launched rank about to
+    exit), so the gloo threads are joined before the interpreter exits: left to the exit, a rank
+    of a 2-process run may abort after its work is done ("terminate called without an active
+    exception"). A 1-process group stays: in-process callers (the tests) train again after main()
+    returns, and DeepSpeed keeps its own handle on the group."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.destroy_process_group()               # no barrier: train() ends on one, and a failed
                                                    # rank must not wait for the others
 
