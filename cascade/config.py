@@ -202,6 +202,7 @@ class LoRAConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    stop_at: int = 0                # end the run (checkpoint, export) at this step of the train.steps schedule (0: at train.steps)
     batch_size: int = 8             # micro batch per process
     grad_accum: int = 1
     lr: float = 3.0e-4
@@ -269,6 +270,12 @@ def _get(cfg, dotted: str):
     return cfg
 
 
+def last_step(t) -> int:
+    """The step a run ends at: train.stop_at where set (a run that stops part way along a longer
+    learning-rate schedule, continued later from its export), else train.steps."""
+    return t.stop_at or t.steps
+
+
 def validate(cfg: StageConfig) -> StageConfig:
     """Check values the types cannot: choices, positivity, divisibility. Raises ConfigError."""
     if cfg.stage not in STAGES:
@@ -298,6 +305,9 @@ def validate(cfg: StageConfig) -> StageConfig:
     if cfg.train.pack_tokens and cfg.stage != "base":
         raise ConfigError(f"train.pack_tokens: packing is for the base stage's DiT, not the "
                           f"'{cfg.stage}' stage (use data.buckets there)")
+    if not 0 <= cfg.train.stop_at <= cfg.train.steps:
+        raise ConfigError(f"train.stop_at: must be in 0..train.steps ({cfg.train.steps}; 0: run to "
+                          f"train.steps), got {cfg.train.stop_at}")
     if cfg.train.max_bad_steps < 0:
         raise ConfigError(f"train.max_bad_steps: must be >= 0, got {cfg.train.max_bad_steps}")
     if not 0 <= cfg.train.zero_stage <= 3:

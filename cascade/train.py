@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cascade.checksums import write_checksums  # noqa: E402
-from cascade.config import StageConfig, save_config  # noqa: E402
+from cascade.config import StageConfig, last_step, save_config  # noqa: E402
 from cascade.data import build_dataset, collate  # noqa: E402
 from cascade.data.buckets import BucketSampler, data_position, histogram  # noqa: E402
 from cascade.parallel import data_parallel, sequence_parallel_group  # noqa: E402
@@ -313,12 +313,12 @@ class StepSampler:
         self.cfg, self.start, self.rank, self.world = cfg, start, rank, world
 
     def __iter__(self):
-        for step in range(self.start, self.cfg.train.steps):
+        for step in range(self.start, last_step(self.cfg.train)):
             for micro in range(self.cfg.train.grad_accum):
                 yield step_indices(step, micro, self.rank, self.cfg, self.world)
 
     def __len__(self):
-        return (self.cfg.train.steps - self.start) * self.cfg.train.grad_accum
+        return (last_step(self.cfg.train) - self.start) * self.cfg.train.grad_accum
 
 
 def lr_lambda(t) -> callable:
@@ -517,7 +517,7 @@ def trim_log(path: Path, last_step: int) -> None:
 
 
 def train(cfg: StageConfig, progress: bool = True) -> Path:
-    """Train one stage to cfg.train.steps; returns the export folder of its EMA weights. (The
+    """Train one stage to cfg.train.steps (or train.stop_at); returns the export folder of its EMA weights. (The
     step loop is written out here, about 60 lines, so one function reads as the whole run.)
 
     What a failure leaves: the run's config.yaml is written only once a training step has run
@@ -556,12 +556,13 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
                             dp_rank, dp_world, mixed=t.pack_tokens > 0) if cfg.data.buckets \
         else StepSampler(cfg, start, dp_rank, dp_world)     # packing: each clip its own bucket
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=t.num_workers)
-    bar = tqdm(total=t.steps, initial=start, disable=not (progress and rank == 0),
+    end = last_step(t)
+    bar = tqdm(total=end, initial=start, disable=not (progress and rank == 0),
                desc=f"train {cfg.stage}", dynamic_ncols=True)
     batches = iter(loader)
     global_batch = t.batch_size * t.grad_accum * dp_world
     tic = time.perf_counter()
-    for step in range(start, t.steps):
+    for step in range(start, end):
         totals, why = train_step(engine, stage, guard, batches, cfg, step, rank, world, device)
         if why is None and engine.was_step_applied() and not ema.update(net):
             raise FloatingPointError(f"the weights became non-finite at step {step + 1} (its loss "
@@ -581,13 +582,13 @@ def train(cfg: StageConfig, progress: bool = True) -> Path:
                 save_config(cfg, out / "config.yaml")
             write_log_row(log_path, row)
             board.scalars(row)
-            if t.sample_every and ((step + 1) % t.sample_every == 0 or step + 1 == t.steps):
+            if t.sample_every and ((step + 1) % t.sample_every == 0 or step + 1 == end):
                 sample_sheet(stage, cfg, ema.state(), out, step + 1, board)
             if (step + 1) % t.log_every == 0 or step == start:
                 bar.set_postfix(loss=f"{totals['loss']:.4f}", it_s=f"{1 / max(elapsed, 1e-9):.2f}",
                                 samples_s=f"{row['samples_per_s']:.1f}")
         bar.update(1)
-        if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
+        if (step + 1) % t.ckpt_every == 0 or step + 1 == end:
             save_checkpoint(engine, ema, ckpt_dir, step + 1, rank, t.keep_ckpts, cfg, bad_steps, position)
     bar.close()
     board.close()

@@ -187,3 +187,24 @@ def test_compile_flag_compiles_the_network_in_place(tmp_path, monkeypatch):
         "train.compile=true", "train.steps=1", "train.ckpt_every=1", f"train.out_dir={tmp_path}"])
     train(cfg, progress=False)
     assert compiled == ["VideoVAE"]
+
+
+def test_stop_at_ends_part_way_along_the_schedule_and_resumes_to_its_end(tmp_path):
+    """train.stop_at: the run ends (checkpoint, export) at that step with the learning rates of the
+    whole train.steps schedule; the same run with stop_at unset resumes there and ends at train.steps."""
+    from cascade.config import ConfigError
+    from cascade.train import train
+    common = TINY_VAE + [f"train.out_dir={tmp_path}", "train.steps=12", "train.schedule=cosine",
+                         "train.warmup=1", "train.ckpt_every=100"]
+    export = train(load_config(REPO / "configs/tiny/vae.yaml", common + ["train.stop_at=5"]), progress=False)
+    rows = read_log(tmp_path / "log.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step5"
+    assert (export / "model.safetensors").is_file()
+    train(load_config(REPO / "configs/tiny/vae.yaml", common), progress=False)
+    rows = read_log(tmp_path / "log.csv")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    lrs = [r["lr"] for r in rows]                      # one cosine over 12 steps, no restart at 6
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:])), lrs
+    with pytest.raises(ConfigError, match="train.stop_at"):
+        load_config(REPO / "configs/tiny/vae.yaml", common + ["train.stop_at=13"])

@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from cascade.config import last_step
+
 BUCKET_STREAM = 0xB0C    # a seed word of its own: the bucket draws are apart from the clips' starts
 
 
@@ -108,12 +110,12 @@ class BucketSampler:
 
     def __iter__(self):
         mb = self.cfg.train.batch_size
-        for step in range(self.start, self.cfg.train.steps):
+        for step in range(self.start, last_step(self.cfg.train)):
             for micro in range(self.cfg.train.grad_accum):
                 yield self.global_batch(step, micro)[self.rank * mb:(self.rank + 1) * mb]
 
     def __len__(self):
-        return (self.cfg.train.steps - self.start) * self.cfg.train.grad_accum
+        return (last_step(self.cfg.train) - self.start) * self.cfg.train.grad_accum
 
 
 def data_position(cfg, dataset) -> dict:
