@@ -393,7 +393,7 @@ class Pipeline:
                 and out.source is None:
             raise ValueError(f"{conditions.task}: the base stage in {self.folder} was not trained "
                              f"for frame prompts (dit.cond_frames=false); use one that was, such as "
-                             f"--stages weights/tiny-flow")
+                             f"the shipped weights/tiny")
         return out
 
     @torch.no_grad()

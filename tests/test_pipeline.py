@@ -276,7 +276,7 @@ def test_tiny_cascades_list_their_stages():
     assert cascade_stages(load_cascade(REPO / "configs/cascade/tiny.yaml")) == ["vae", "base"]
     cc = load_cascade(REPO / "configs/cascade/tiny_full.yaml")
     assert cascade_stages(cc) == ["vae", "base", "interp", "sr"]
-    assert cc.sample.steps == 50 and cc.sample.sr.steps == 3 and cc.sample.interp.guidance == 1.0
+    assert cc.sample.steps == 20 and cc.sample.sr.steps == 3 and cc.sample.interp.guidance == 1.0
 
 
 def test_cli_stage_sampling_precedence(full, tmp_path, monkeypatch):
@@ -292,7 +292,7 @@ def test_cli_stage_sampling_precedence(full, tmp_path, monkeypatch):
     argv = ["sample", PROMPT, "--stages", str(full), "--out", str(tmp_path), "--no-progress",
             "--cascade", str(REPO / "configs/cascade/tiny_full.yaml")]
     assert main(argv + ["--guidance", "3", "--interp-steps", "4", "--sr-sampler", "ddim"]) == 2
-    assert seen["base"] == StageSampling(50, 3.0, "euler_ancestral")
+    assert seen["base"] == StageSampling(20, 3.0, "euler_ancestral")
     assert seen["interp"] == StageSampling(4, 3.0, None)
     assert seen["sr"] == StageSampling(3, 3.0, "ddim")
     assert main(argv + ["--steps", "2", "--base-guidance", "1.5", "--interp-passes", "2"]) == 2

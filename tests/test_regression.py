@@ -17,15 +17,16 @@ the table): the outputs were made in fresh processes under each of
         oneDNN of an older CPU);
     torch.backends.mkldnn disabled (PyTorch's own convolutions instead of oneDNN's);
     batch_size 3 instead of 1 (other GEMM shapes and float orders);
-and compared with the reference. On this machine (AMD EPYC, torch 2.14.1, 2026-12-06) the worst
-of them (non-vectorised ATen kernels) moved the keyframe latents by 8.6e-6 relative (max |diff|
-/ max |ref|), interp's residual by 2.4e-5, the video statistics by 1.8e-6, and no uint8 value
-by more than 1 level; the previous reference, from another machine, was 5.9e-6 away. The bounds
-are 35x, 42x and 55x those (3e-4, 1e-3, 1e-4), and at most 0.5% of the uint8 values more than
-one level off, none by more than 8. `test_the_bounds_catch_a_changed_weight` shows they still
-catch a change: one layer per stage scaled by 1.001 moved the keyframes by 1.1e-3 (base MLP),
-interp's residual by 3.0e-3 (an attention projection), the statistics by 1.0e-3 (the VAE's last
-conv) and 3.2e-4 (SR's last conv), each over 3x its bound.
+and compared with the reference. On this machine (AMD EPYC, torch 2.14.1, 2026-12-06, the wide
+flow base shipped that day) the worst of them (AVX2 kernels, BLAS and oneDNN) moved the keyframe
+latents by 4.2e-5 relative (max |diff| / max |ref|), interp's residual by 5.4e-5, the video
+statistics by 3.1e-5, and no uint8 value by more than 1 level (the base before it, hidden 128 /
+depth 4, moved them 2-17x less: the deeper base carries the rounding further). The bounds are
+7x, 9x and 6.6x those (3e-4, 5e-4, 2e-4), and at most 0.5% of the uint8 values more than one
+level off, none by more than 8. `test_the_bounds_catch_a_changed_weight` shows they still catch a
+change: one layer per stage scaled by 1.001 moved the keyframes by 6.6e-4 (base MLP), interp's
+residual by 2.3e-3 (an attention projection), the statistics by 9.7e-4 (the VAE's last conv) and
+6.3e-4 (SR's last conv), each over 2x its bound.
 
 Regenerate the reference only when a change is meant to change the videos:
 
@@ -48,7 +49,7 @@ PROMPTS = ("a red circle moving left on a blue background",
            "a green square moving up on a white background",
            "a yellow triangle moving right on a gray background")
 # relative bounds (max |made - ref| / max |ref|) and the uint8 video's: see the docstring
-BOUNDS = {"keyframes_latent": 3e-4, "interp_residual": 1e-3, "stats": 1e-4}
+BOUNDS = {"keyframes_latent": 3e-4, "interp_residual": 5e-4, "stats": 2e-4}
 VIDEO_LEVELS, VIDEO_SHARE, VIDEO_MAX = 1, 0.005, 8
 # fresh-process variations measured by --measure: name -> (environment, threads, batch_size, mkldnn)
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
