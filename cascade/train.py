@@ -517,8 +517,9 @@ def trim_log(path: Path, last_step: int) -> None:
 
 
 def train(cfg: StageConfig, progress: bool = True) -> Path:
-    """Train one stage to cfg.train.steps (or train.stop_at); returns the export folder of its EMA weights. (The
-    step loop is written out here, about 60 lines, so one function reads as the whole run.)
+    """Train one stage to cfg.train.steps (or train.stop_at); returns the export folder of its EMA
+    weights. (The step loop is written out here, about 60 lines, so one function reads as the
+    whole run.)
 
     What a failure leaves: the run's config.yaml is written only once a training step has run
     (a run that fails while starting leaves the folder as it was), log.csv is cut back to the

@@ -11,12 +11,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 @pytest.mark.skipif(not (WEIGHTS / "base" / "model.safetensors").is_file(), reason="no weights/tiny")
 def test_round_trip_error_falls_as_steps_grow():
-    """Per clip the round trip need not improve at every step count: with the shipped base (the
-    wide flow base) the red circle's latent SNR went 25.2, 28.3, 12.1, 10.7, 17.6, 25.2, 31.4 dB at
-    5, 10, 25, 50, 100, 200, 400 steps, and the green square's 23.8, 17.2, 4.1, 11.2, 27.3, 36.2,
-    43.9: a round trip that lands near another sample and comes back as the steps shrink the
-    inversion's error (the narrower flow base, weights/tiny-flow, did the same). What holds for
-    every clip: many steps give the keyframes back better than few, and well."""
+    """Per clip the round trip need not improve at every step count: with the shipped base the red
+    circle's latent SNR went 24.5, 28.0, 16.0, 13.3, 21.8, 29.2, 35.4 dB at 5, 10, 25, 50, 100,
+    200, 400 steps, and the green square's 23.7, 12.0, 29.1, 20.4, 33.0, 40.1, 46.7: a round trip
+    that lands near another sample and comes back as the steps shrink the inversion's error (the
+    same base 3,000 steps earlier gave the red circle 25.2 dB at both 5 and 200 steps, hence 400
+    here). What holds for every clip: many steps give the keyframes back better than few, and well."""
     from cascade.evaluate_tasks import invert_rows
     from cascade.pipeline import Pipeline
     pipe = Pipeline(WEIGHTS, use_interp=False, use_sr=False)
