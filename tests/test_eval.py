@@ -94,7 +94,9 @@ def test_cli_eval_full_cascade(full, tmp_path, capsys):  # noqa: F811
     for name in ("eval.json", "eval.csv", "eval.png", "samples.png"):
         assert (out / name).is_file(), name
     rows = read_csv(out / "eval.csv")
-    assert [r["variant"] for r in rows] == ["full", "no interp", "no sr", "keyframes only", "ground truth"]
+    assert [r["variant"] for r in rows] == ["full", "no interp", "no sr", "keyframes only", "ground truth",
+                                               "autoencoded truth"]
+    assert rows[5]["size"] == "32x32" and rows[5]["stages"] == "rendered > vae > sr (the ceiling)"
     assert rows[0]["size"] == "32x32" and rows[0]["frames"] == "7"            # 4 keyframes -> 7, x2 sr
     assert rows[3]["size"] == "16x16" and rows[3]["frames"] == "4"
     assert rows[4]["frame_diff_ratio"] == "1.0" and rows[4]["colour"] == "1.0"
@@ -102,7 +104,8 @@ def test_cli_eval_full_cascade(full, tmp_path, capsys):  # noqa: F811
     assert set(report["stages"]) == {"vae", "interp", "sr"}
     assert {"psnr", "baseline_bilinear_psnr"} <= set(report["stages"]["sr"])
     assert "random trunk" in report["info"]["lpips"] and len(report["videos"]["full"]) == 3
-    for variant in ("| full |", "| no interp |", "| no sr |", "| keyframes only |", "| ground truth |"):
+    for variant in ("| full |", "| no interp |", "| no sr |", "| keyframes only |", "| ground truth |",
+                    "| autoencoded truth |"):
         assert variant in text
     assert "random trunk" in text
 
@@ -113,7 +116,7 @@ def test_cli_eval_base_only_skips_what_is_missing(stages, tmp_path, capsys):  # 
                "--lpips", "off", "--out", str(out), "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert [r["variant"] for r in read_csv(out / "eval.csv")] == ["full", "ground truth"]
+    assert [r["variant"] for r in read_csv(out / "eval.csv")] == ["full", "ground truth", "autoencoded truth"]
     assert "skipped interp" in text and "skipped sr" in text
     assert set(json.loads((out / "eval.json").read_text())["stages"]) == {"vae"}
 
@@ -124,7 +127,7 @@ def test_cli_eval_at_a_non_square_size(stages, tmp_path, capsys):  # noqa: F811
                "--lpips", "off", "--height", "16", "--width", "24", "--out", str(out), "--no-progress"])
     assert rc == 0, capsys.readouterr().out
     rows = read_csv(out / "eval.csv")
-    assert [r["size"] for r in rows] == ["16x24", "16x24"]                # the truth rendered there too
+    assert [r["size"] for r in rows] == ["16x24"] * 3                    # the truth rendered there too
 
 
 @pytest.mark.parametrize("argv, message", [
