@@ -525,7 +525,8 @@ def autoencoded_truths(pipe, prompts: list[str], truths: torch.Tensor, seed: int
     own frames (`Pipeline.render_input`): brought to the VAE's size as SR's training does,
     encoded, decoded and super-resolved. Scored, they are the ceiling a base can reach through
     these VAE and SR stages: a shape the analyser misses here is lost by the autoencoder (or SR),
-    not by the generator (on the tiny VAE: 18 of 19 crosses read as diamonds, docs/tiny-cascade.md)."""
+    not by the generator (through the tiny VAE shipped before 2026-12-06, 17-18 of 19 crosses read
+    as diamonds or circles: docs/tiny-cascade.md)."""
     from cascade.sampling import resolve_sampling
     from cascade.seeding import RowGenerators
     sr = None if pipe.sr is None else resolve_sampling(sampling["sr"], config=pipe.sr.cfg.diffusion)
