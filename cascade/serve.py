@@ -178,9 +178,10 @@ def build_app(studio: Studio):
                 width = gr.Number(value=w0, precision=0, label="Width")
             with gr.Row():
                 base_steps = gr.Number(value=0, precision=0, label="Base steps (0: default)")
-                base_guidance = gr.Slider(0, 10, value=(studio.sampling.get("base") or {}).get("guidance", 2.5)
-                                          if isinstance(studio.sampling.get("base"), dict) else 2.5,
-                                          step=0.5, label="Base guidance")
+                given = studio.sampling.get("base")                   # else the base's own config
+                g0 = given.get("guidance") if isinstance(given, dict) else None
+                base_guidance = gr.Slider(0, 10, value=studio.pipe.base.cfg.diffusion.guidance if g0 is None
+                                          else g0, step=0.5, label="Base guidance")
                 base_sampler = gr.Dropdown(["", *SAMPLER_NAMES], value="", label="Base sampler (default)")
                 interp_steps = gr.Number(value=0, precision=0, label="Interp steps")
                 sr_steps = gr.Number(value=0, precision=0, label="SR steps")

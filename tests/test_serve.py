@@ -28,6 +28,16 @@ def studio(cascade_dir, tmp_path_factory):  # noqa: F811
     return Studio(cascade_dir, FAST, out_dir=tmp_path_factory.mktemp("serve"))
 
 
+def test_the_guidance_slider_starts_at_the_default(studio):
+    """The base's guidance given to the Studio, else the base's own config (what sampling uses)."""
+    from cascade.serve import Studio, build_app
+
+    def slider(st):
+        return [b.value for b in build_app(st).blocks.values() if getattr(b, "label", None) == "Base guidance"]
+    assert slider(studio) == [studio.pipe.base.cfg.diffusion.guidance]          # FAST sets none
+    assert slider(Studio(studio.stages, {"base": {"guidance": 3.0}}, out_dir=studio.out)) == [3.0]
+
+
 def test_every_task_through_the_studio(studio, tmp_path):
     from PIL import Image
 
