@@ -128,6 +128,7 @@ def build_app(studio: Studio):
     """The page: one tab per task, shared settings, the outputs."""
     import gradio as gr
     from cascade.registry import SAMPLER_NAMES
+    from cascade.sampling import StageSampling
     pipe = studio.pipe
     f = pipe.vae.spatial_factor * (pipe.sr.cfg.sr.scale if pipe.sr is not None else 1)
     h0, w0 = pipe.base_cfg.dit.height * f, pipe.base_cfg.dit.width * f
@@ -178,9 +179,8 @@ def build_app(studio: Studio):
                 width = gr.Number(value=w0, precision=0, label="Width")
             with gr.Row():
                 base_steps = gr.Number(value=0, precision=0, label="Base steps (0: default)")
-                given = studio.sampling.get("base")                   # else the base's own config
-                g0 = given.get("guidance") if isinstance(given, dict) else None
-                base_guidance = gr.Slider(0, 10, value=studio.pipe.base.cfg.diffusion.guidance if g0 is None
+                g0 = StageSampling.of(studio.sampling.get("base")).guidance   # else the base's config
+                base_guidance = gr.Slider(0, 10, value=pipe.base.cfg.diffusion.guidance if g0 is None
                                           else g0, step=0.5, label="Base guidance")
                 base_sampler = gr.Dropdown(["", *SAMPLER_NAMES], value="", label="Base sampler (default)")
                 interp_steps = gr.Number(value=0, precision=0, label="Interp steps")
