@@ -1,7 +1,7 @@
 """Benchmark: video autoencoders on content no one here made (quality, not speed).
 
     python -m benchmarks.bench_vae --vae NAME=EXPORT ... [--config configs/tiny/vae_natural.yaml]
-        [--peers cogvideox,svd] [--peer-steps N] [--natural data/natural] [--lavfi data/lavfi]
+        [--peers cogvideox,svd,ltx] [--peer-steps N] [--natural data/natural] [--lavfi data/lavfi]
 
 Each autoencoder reconstructs (posterior mode) three sets of 8-frame clips at the config's size:
   natural held-out   camera moves over the photographs `cascade data natural` holds out of training
@@ -11,11 +11,11 @@ Each autoencoder reconstructs (posterior mode) three sets of 8-frame clips at th
 and is scored by PSNR (dB), temporal error (cascade.losses.temporal_error: flicker, 8-bit levels)
 and LPIPS (cascade.evaluate.load_lpips: the VGG trunk when the torch cache has it, else a random
 trunk: compare LPIPS only within one table). Rows: every --vae export, bilinear down-up at the same
-spatial compression (the baseline a VAE must beat), and the diffusers peers of bench_peers built
-at the same widths, latent channels and groups, trained here for --peer-steps (default: the
-config's train.steps) on the config's data with the same loss (L1 + L2 + KL), optimizer, schedule
-and EMA as `cascade train` (SVD's autoencoder fixes 32 GroupNorm groups: its widths are rounded up
-to a multiple of 32, noted in the table). Peers need diffusers (`pip install -e '.[bench]'`).
+spatial compression (the baseline a VAE must beat), and the diffusers peers (CogVideoX's, SVD's
+and LTX-Video's autoencoders) built at the same spatial compression and latent channels, each at the
+width whose parameter count is nearest the config's VAE (`build_peer`; noted under the table),
+trained here for --peer-steps (default: the config's train.steps) on the config's data with the
+same loss (L1 + L2 + KL), optimizer, schedule and EMA as `cascade train`. Peers need diffusers (`pip install -e '.[bench]'`).
 """
 from __future__ import annotations
 
@@ -68,28 +68,59 @@ def ours(folder):
 
 # ----------------------------------------------------------------------------- the peers
 
-def build_peer(kind: str, vcfg):
-    chs = [vcfg.channels * m for m in vcfg.channel_mults]
-    n, note = len(chs), ""
+PEERS = ("cogvideox", "svd", "ltx")
+
+
+def peer_model(kind: str, vcfg, width: int):
+    """A diffusers peer at base width `width`, the config's spatial compression and latent channels,
+    no temporal compression: CogVideoX's and SVD's autoencoders as 2x downsampling levels (widths
+    width x the config's level multipliers, or 1, 2, 2 where the config patchifies), LTX-Video's as
+    its patchify (patch = the whole spatial factor) and one level of `width`."""
+    f = vcfg.spatial_factor()
+    n = int(math.log2(f)) + 1                                                # levels for f
+    mults = list(vcfg.channel_mults) if vcfg.patch == 1 else [1] + [2] * (n - 1)
+    chs = [width * m for m in mults]
     if kind == "cogvideox":
         from diffusers import AutoencoderKLCogVideoX
         return AutoencoderKLCogVideoX(
             down_block_types=("CogVideoXDownBlock3D",) * n, up_block_types=("CogVideoXUpBlock3D",) * n,
             block_out_channels=tuple(chs), latent_channels=vcfg.latent_channels, layers_per_block=1,
-            norm_num_groups=vcfg.groups or 1, temporal_compression_ratio=1), note
-    from diffusers import AutoencoderKLTemporalDecoder
-    wide = [32 * math.ceil(c / 32) for c in chs]
-    if wide != chs:
-        note = f"widths {wide} (diffusers fixes 32 groups)"
-    return AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * n,
-                                        block_out_channels=tuple(wide), layers_per_block=1,
-                                        latent_channels=vcfg.latent_channels), note
+            norm_num_groups=vcfg.groups or 1, temporal_compression_ratio=1)
+    if kind == "svd":
+        from diffusers import AutoencoderKLTemporalDecoder
+        return AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * n,
+                                            block_out_channels=tuple(32 * math.ceil(c / 32) for c in chs),
+                                            layers_per_block=1, latent_channels=vcfg.latent_channels)
+    if kind == "ltx":
+        from diffusers import AutoencoderKLLTXVideo
+        lpb = (vcfg.num_res_blocks, 1)
+        return AutoencoderKLLTXVideo(
+            latent_channels=vcfg.latent_channels, block_out_channels=(width,),
+            down_block_types=("LTXVideoDownBlock3D",), decoder_block_out_channels=(width,),
+            layers_per_block=lpb, decoder_layers_per_block=lpb, spatio_temporal_scaling=(False,),
+            decoder_spatio_temporal_scaling=(False,), decoder_inject_noise=(False, False),
+            downsample_type=("conv",), upsample_residual=(False,), upsample_factor=(1,),
+            patch_size=f, patch_size_t=1)
+    raise ValueError(f"--peers: '{kind}' is not one of {', '.join(PEERS)}")
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_peer(kind: str, vcfg, params: int):
+    """(the peer whose base width gives the parameter count nearest `params`, ours; a note). SVD's
+    widths are rounded up to multiples of 32 (diffusers fixes 32 GroupNorm groups)."""
+    widths = range(32, 257, 32) if kind == "svd" else range(8, 257, 8)
+    best = min(widths, key=lambda w: abs(n_params(peer_model(kind, vcfg, w)) - params))
+    model = peer_model(kind, vcfg, best)
+    return model, f"width {best}, {n_params(model) / 1e6:.2f} M parameters (ours {params / 1e6:.2f} M)"
 
 
 def peer_forward(kind: str, model, x, sample: bool):
     """(reconstruction (B, 3, T, H, W), posterior) in the peer's own layout."""
     B, _, T, H, W = x.shape
-    if kind == "cogvideox":
+    if kind in ("cogvideox", "ltx"):
         post = model.encode(x).latent_dist
         z = post.sample() if sample else post.mode()
         return model.decode(z).sample, post
@@ -100,7 +131,7 @@ def peer_forward(kind: str, model, x, sample: bool):
     return y.reshape(B, T, 3, H, W).transpose(1, 2), post
 
 
-def train_peer(kind: str, cfg, steps: int, out: Path):
+def train_peer(kind: str, model, cfg, steps: int, out: Path):
     """Train a peer as `cascade train` trains ours (data, loss, AdamW, schedule, EMA) -> the EMA model."""
     import copy
 
@@ -109,7 +140,6 @@ def train_peer(kind: str, cfg, steps: int, out: Path):
     from cascade.losses import L2_WEIGHT
     from cascade.train import EMA, StepSampler, lr_lambda
     torch.manual_seed(cfg.train.seed)
-    model, _ = build_peer(kind, cfg.vae)
     data = build_dataset(cfg.data)
     t = copy.deepcopy(cfg.train)
     t.steps = steps
@@ -162,7 +192,7 @@ def main(argv=None):
                    help="the data, size and training settings (peers train on it)")
     p.add_argument("--natural", type=Path, default=REPO / "data/natural", help="cascade data natural's folder")
     p.add_argument("--lavfi", type=Path, default=REPO / "data/lavfi", help="cascade data lavfi's folder")
-    p.add_argument("--peers", default="cogvideox,svd", help="comma-separated diffusers peers ('' for none)")
+    p.add_argument("--peers", default=",".join(PEERS), help="comma-separated diffusers peers ('' for none)")
     p.add_argument("--peer-steps", type=int, help="peer training steps (default: train.steps)")
     p.add_argument("--peer-dir", type=Path, default=REPO / "runs/peers", help="trained peers are kept here")
     p.add_argument("--lpips", default="auto", choices=("auto", "pretrained", "random", "off"))
@@ -180,22 +210,25 @@ def main(argv=None):
             "lavfi": clip_set(args.lavfi, args.lavfi / "lavfi.csv", d.frames, d.height, d.width, d.fps)}
     lp, lp_name = load_lpips(args.lpips)
     models = {name: ours(folder) for name, folder in (v.split("=", 1) for v in args.vae)}
-    models[f"bilinear x{2 ** (len(cfg.vae.channel_mults) - 1)}"] = bilinear(2 ** (len(cfg.vae.channel_mults) - 1))
+    f = cfg.vae.spatial_factor()
+    models[f"bilinear x{f}"] = bilinear(f)
     notes = {}
     peers = [k for k in args.peers.split(",") if k]
     if peers and optional_import("diffusers") is None:
         print("diffusers is not installed (pip install -e '.[bench]'): no peer rows")
         peers = []
     steps = args.peer_steps or cfg.train.steps
+    from cascade.models.vae import VideoVAE
+    params = n_params(VideoVAE(cfg.vae))
     for kind in peers:
-        path = args.peer_dir / f"{kind}_{steps}.pt"
-        model, note = build_peer(kind, cfg.vae)
+        model, note = build_peer(kind, cfg.vae, params)
+        path = args.peer_dir / f"{args.config.stem}_{kind}_{n_params(model)}_{steps}.pt"
         if path.is_file() and not args.smoke:
             model.load_state_dict(torch.load(path, weights_only=True))
             model.eval()
         else:
-            print(f"  training the {kind} peer for {steps} steps", flush=True)
-            model = train_peer(kind, cfg, steps, path if not args.smoke else args.out / f"{kind}.pt")
+            print(f"  training the {kind} peer ({note}) for {steps} steps", flush=True)
+            model = train_peer(kind, model, cfg, steps, path if not args.smoke else args.out / f"{kind}.pt")
         models[f"{kind} (diffusers, {steps} steps)"] = lambda x, m=model, k=kind: peer_forward(k, m, x, False)[0]
         notes[kind] = note
     rows = []

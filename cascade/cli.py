@@ -289,8 +289,11 @@ def resolve_sampling(args, cc: CascadeConfig) -> dict:
     defaults = {"base": StageSampling(cc.sample.steps, cc.sample.guidance, cc.sample.sampler),
                 "interp": StageSampling(**vars(cc.sample.interp)),
                 "sr": StageSampling(**vars(cc.sample.sr))}
-    return {name: resolve(_stage_sampling(args, name), every, default)
-            for name, default in defaults.items()}
+    out = {name: resolve(_stage_sampling(args, name), every, default)
+           for name, default in defaults.items()}
+    if getattr(args, "autoguidance", None) is not None:
+        out["base"].autoguidance = args.autoguidance
+    return out
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -303,6 +306,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{stage}-steps", type=int, help=f"the {stage} stage's steps")
         p.add_argument(f"--{stage}-guidance", type=float, help=f"the {stage} stage's guidance")
         p.add_argument(f"--{stage}-sampler", choices=samplers, help=f"the {stage} stage's sampler")
+    p.add_argument("--autoguidance", type=float, help="the base's autoguidance weight: its guide "
+                   "model (base/guide) steers away from its errors; 1 = off (default: the base "
+                   "config's diffusion.autoguidance)")
 
 
 MAX_SIZE = 16384        # pixels of `cascade sample --height / --width`
@@ -325,6 +331,7 @@ def check_sampling_args(args) -> None:
     check_number("--num-videos", getattr(args, "num_videos", None), 1, MAX_VIDEOS, integer=True)
     check_number("--extend", getattr(args, "extend", None), 1, MAX_FRAMES, integer=True)
     check_number("--image-guidance", getattr(args, "image_guidance", None), 0, MAX_GUIDANCE)
+    check_number("--autoguidance", getattr(args, "autoguidance", None), 0, MAX_GUIDANCE)
     strength = getattr(args, "strength", None)
     if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
         raise ValueError(f"--strength: must be in (0, 1], got {strength}")

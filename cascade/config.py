@@ -72,6 +72,11 @@ class VAEConfig:
     fsq_levels: list[int] = field(default_factory=list)   # fsq: levels per latent channel ([]: 5 each)
     min_code_usage: float = 0.05                   # vq / fsq: held-out code usage below this warns of collapse
     shortcut: bool = False                         # DC-AE's parameter-free space<->channel shortcuts (vae.py)
+    patch: int = 1                                 # pixels p x p folded into channels first (LTX-Video's patchify)
+
+    def spatial_factor(self) -> int:
+        """Pixels per latent along a side: the patch, then 2 per level after the first."""
+        return self.patch * 2 ** (len(self.channel_mults) - 1)
 
 
 @dataclass
@@ -185,6 +190,9 @@ class DiffusionConfig:
     # guidance only where lo <= t <= hi, a plain conditional call elsewhere (Kynkaanniemi et al.
     # 2024, "Applying guidance in a limited interval"): guidance at high noise makes layouts
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    # autoguidance (Karras et al. 2024): + (this - 1) x (conditional - the guide's conditional), the
+    # guide a smaller or less-trained export of the same stage in the export's guide/ (1: off)
+    autoguidance: float = 1.0
 
 
 @dataclass
@@ -316,7 +324,9 @@ def validate(cfg: StageConfig) -> StageConfig:
     if len(cfg.vae.temporal_down) != len(cfg.vae.channel_mults) - 1:
         raise ConfigError(f"vae.temporal_down: needs {len(cfg.vae.channel_mults) - 1} entries "
                           f"(one per downsampling), got {len(cfg.vae.temporal_down)}")
-    down = 2 ** (len(cfg.vae.channel_mults) - 1)
+    if cfg.vae.patch < 1:
+        raise ConfigError(f"vae.patch: must be >= 1, got {cfg.vae.patch}")
+    down = cfg.vae.spatial_factor()
     for axis in ("height", "width"):
         if cfg.stage != "sr" and _get(cfg.data, axis) % down:              # sr has no VAE
             raise ConfigError(f"data.{axis}: {_get(cfg.data, axis)} is not divisible by the VAE's "
@@ -360,6 +370,8 @@ def _validate_cond(cfg: StageConfig) -> None:
             raise ConfigError(f"cond.{key}: must be in [0, 1], got {getattr(c, key)}")
     if c.image_guidance < 0:
         raise ConfigError(f"cond.image_guidance: must be >= 0, got {c.image_guidance}")
+    if not cfg.diffusion.autoguidance >= 0:
+        raise ConfigError(f"diffusion.autoguidance: must be >= 0, got {cfg.diffusion.autoguidance}")
     if cfg.train.pack_tokens:
         raise ConfigError("train.pack_tokens: packing does not take dit.cond_frames (frame prompts)")
 
@@ -433,7 +445,7 @@ def _validate_buckets(cfg: StageConfig) -> None:
         raise ConfigError(str(e)) from None
     if buckets and d.kind == "cache":
         raise ConfigError("data.buckets: a cache holds one shape; bucket the data it is made from")
-    spatial = 1 if cfg.stage == "sr" else 2 ** (len(cfg.vae.channel_mults) - 1)
+    spatial = 1 if cfg.stage == "sr" else cfg.vae.spatial_factor()
     if cfg.stage in ("base", "interp"):
         spatial = (spatial * cfg.dit.patch_h, spatial * cfg.dit.patch_w)
     else:

@@ -247,7 +247,7 @@ def invert_rows(pipe, prompts: list[str], seed: int, steps=INVERT_STEPS, progres
         ref = vae.decode_latents(z).clamp(-1, 1)
         cond, uncond = base.encode_text([p])
         for n in steps:
-            sampling = StageSampling(n, 1.0, "ddim")
+            sampling = StageSampling(n, 1.0, "ddim", autoguidance=1.0)   # as the inversion
             noise = base.invert(z, cond, uncond, sampling)
             back = base.sample(z.shape, cond, uncond, sampling, None, False, start=(noise, 1.0, True))
             err = (back - z).square().mean()

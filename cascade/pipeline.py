@@ -485,6 +485,8 @@ class Pipeline:
                 source = rows((given["source"],))[0]
                 start = (source, plan.strength)
                 if plan.inversion == "ddim":                         # inverted with its own caption
+                    sampling = {**sampling, "base": StageSampling(autoguidance=1.0).over(
+                        sampling["base"])}                           # as inverted: no autoguidance
                     caption = self.base.encode_text([plan.caption] * B)
                     reference = SourceAttention(plan.inject) if plan.inject else None
                     start = (self.base.invert(source, *caption, sampling["base"], plan.strength,

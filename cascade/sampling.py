@@ -37,6 +37,7 @@ class StageSampling:
     sampler: str | None = None
     guidance_interval: tuple | None = None      # (lo, hi): guided only at t in [lo, hi]
     image_guidance: float | None = None         # frame prompts: the image scale of three-way guidance
+    autoguidance: float | None = None           # the weight of the guide model (1: off; Karras et al. 2024)
 
     @classmethod
     def of(cls, value) -> "StageSampling":
@@ -49,7 +50,8 @@ class StageSampling:
             unknown = set(value) - {f.name for f in fields(cls)}
             if unknown:
                 raise ValueError(f"stage sampling: unknown key(s) {sorted(unknown)} "
-                                 f"(use steps, guidance, sampler, guidance_interval, image_guidance)")
+                                 f"(use steps, guidance, sampler, guidance_interval, image_guidance, "
+                                 f"autoguidance)")
             return cls(**value)
         raise TypeError(f"stage sampling must be None, a dict or a StageSampling, got {type(value)}")
 
@@ -59,6 +61,7 @@ class StageSampling:
         check_number(f"{where}steps", self.steps, 1, MAX_STEPS, integer=True)
         check_number(f"{where}guidance", self.guidance, 0, MAX_GUIDANCE)
         check_number(f"{where}image_guidance", self.image_guidance, 0, MAX_GUIDANCE)
+        check_number(f"{where}autoguidance", self.autoguidance, 0, MAX_GUIDANCE)
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"{where}sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.guidance_interval is not None:
@@ -80,13 +83,13 @@ class StageSampling:
 def resolve_sampling(*levels, config=None) -> StageSampling:
     """The sampling of one stage: each field from the first of `levels` (StageSampling, dict or
     None; most specific first) that sets it, then from `config` (a DiffusionConfig: steps,
-    guidance, sampler, guidance_interval) when given; without a config what no level sets stays
+    guidance, sampler, guidance_interval, autoguidance) when given; without a config what no level sets stays
     None (the CLI resolves the cascade YAML's level before the stages are loaded)."""
     out = StageSampling()
     for level in reversed(levels):
         out = StageSampling.of(level).over(out)
     if config is not None:
         base = StageSampling(config.steps, config.guidance, config.sampler,
-                             config.guidance_interval)
+                             config.guidance_interval, autoguidance=config.autoguidance)
         out = out.over(base)
     return out

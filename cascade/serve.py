@@ -59,7 +59,7 @@ class Studio:
                  seed: int = 0, frames: int | None = None,
                  height: int | None = None, width: int | None = None, base_steps=None,
                  base_guidance=None, base_sampler=None, interp_steps=None, sr_steps=None,
-                 extend_prompt: bool = False, adapters: str = "", stage_outputs: bool = False,
+                 base_autoguidance=None, extend_prompt: bool = False, adapters: str = "", stage_outputs: bool = False,
                  progress: bool = True) -> dict:
         """One job -> {"video": mp4 path, "sheet": PNG path, "table": markdown, "stages": [mp4
         paths], "prompt": the prompt used}. User mistakes raise one-line ValueErrors."""
@@ -98,7 +98,8 @@ class Studio:
         if cond is not None:
             cond.keep_input = bool(keep_input)              # the given frames unchanged, not rendered
         num = lambda v: None if v in (None, "", 0) else v                  # noqa: E731  (0: default)
-        base = StageSampling(num(base_steps), base_guidance, base_sampler or None).over(
+        base = StageSampling(num(base_steps), base_guidance, base_sampler or None,
+                             autoguidance=base_autoguidance).over(
             StageSampling.of(self.sampling.get("base")))
         if inversion == "ddim" and task == "Edit":
             base.sampler = "ddim"
@@ -182,6 +183,10 @@ def build_app(studio: Studio):
                 g0 = StageSampling.of(studio.sampling.get("base")).guidance   # else the base's config
                 base_guidance = gr.Slider(0, 10, value=pipe.base.cfg.diffusion.guidance if g0 is None
                                           else g0, step=0.5, label="Base guidance")
+                a0 = StageSampling.of(studio.sampling.get("base")).autoguidance
+                base_autoguidance = gr.Slider(  # only where the base export has a guide/ model
+                    1, 4, value=pipe.base.cfg.diffusion.autoguidance if a0 is None else a0, step=0.25,
+                    label="Base autoguidance (1: off)", visible=pipe.base.guide is not None)
                 base_sampler = gr.Dropdown(["", *SAMPLER_NAMES], value="", label="Base sampler (default)")
                 interp_steps = gr.Number(value=0, precision=0, label="Interp steps")
                 sr_steps = gr.Number(value=0, precision=0, label="SR steps")
@@ -196,7 +201,7 @@ def build_app(studio: Studio):
             table = gr.Markdown(elem_id="table")
             files = gr.File(label="Download (video, and each stage's)", file_count="multiple")
         shared = [seed, frames, height, width, base_steps, base_guidance, base_sampler, interp_steps,
-                  sr_steps, extend_prompt, adapters, stage_outputs]
+                  sr_steps, base_autoguidance, extend_prompt, adapters, stage_outputs]
 
         for task, (inputs, button) in tabs.items():
             names = list(inputs)
@@ -204,8 +209,8 @@ def build_app(studio: Studio):
             def run(prompt_text, *values, _task=task, _names=names, progress=gr.Progress(track_tqdm=True)):
                 own, rest = values[:len(_names)], values[len(_names):]
                 keys = ("seed", "frames", "height", "width", "base_steps", "base_guidance",
-                        "base_sampler", "interp_steps", "sr_steps", "extend_prompt", "adapters",
-                        "stage_outputs")
+                        "base_sampler", "interp_steps", "sr_steps", "base_autoguidance",
+                        "extend_prompt", "adapters", "stage_outputs")
                 kw = dict(zip(_names, own)) | dict(zip(keys, rest))
                 try:
                     out = studio.generate(_task, prompt_text, **kw)

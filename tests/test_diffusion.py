@@ -235,6 +235,34 @@ def test_guidance_interval_guides_only_inside_it():
         guided_denoiser(net, cond, uncond, 4.0, d, (0.7, 0.2))
 
 
+def test_autoguidance_adds_the_models_lead_over_its_guide():
+    """Autoguidance (Karras et al. 2024): x0 = the CFG combination + (w - 1) (x0(txt) - x0_guide(txt)),
+    inside and outside the guidance interval, one guide call of batch B a step; w = 1 or no guide
+    is the plain guided denoiser, and a guide equal to the model changes nothing."""
+    d = Diffusion(DiffusionConfig(prediction="v"))
+    B = 2
+    cond = {"scale": torch.tensor([0.5, 2.0]), "mask": torch.ones(B, 4, dtype=torch.bool)}
+    uncond = {"scale": torch.zeros(1), "mask": torch.zeros(1, 4, dtype=torch.bool)}
+    x = torch.randn(B, 6)
+    calls, guide_calls = [], []
+    net, guide = cond_net(calls), cond_net(guide_calls)
+
+    def bad(x_t, t, c):                                      # another model: half the text's pull
+        return guide(x_t, t, {**c, "scale": 0.5 * c["scale"]})
+    for t in (0.2, 0.5):
+        tt = torch.full((B,), t)
+        plain = guided_denoiser(net, cond, uncond, 4.0, d, (0.3, 1.0))(x, tt)
+        guide_calls.clear()
+        got = guided_denoiser(net, cond, uncond, 4.0, d, (0.3, 1.0), guide=bad, guide_weight=2.5)(x, tt)
+        assert guide_calls == [B]
+        lead = d.denoise(net, x, tt, cond) - d.denoise(bad, x, tt, cond)
+        assert lead.abs().max() > 0.01
+        torch.testing.assert_close(got, plain + 1.5 * lead)
+        for off in (guided_denoiser(net, cond, uncond, 4.0, d, (0.3, 1.0), guide=bad, guide_weight=1.0),
+                    guided_denoiser(net, cond, uncond, 4.0, d, (0.3, 1.0), guide=net, guide_weight=3.0)):
+            torch.testing.assert_close(off(x, tt), plain)
+
+
 def test_drop_condition():
     B = 5
     cond = {"text": torch.randn(B, 3, 2), "mask": torch.ones(B, 3, dtype=torch.bool)}

@@ -138,6 +138,42 @@ def test_missing_stage_in_folder(stages, tmp_path, capsys):
     assert "has no 'base' stage" in capsys.readouterr().err
 
 
+def test_autoguidance_from_the_exports_guide(stages, tmp_path, capsys):
+    """A base export with a guide/ subfolder samples with autoguidance (Karras et al. 2024): the
+    model as its own guide gives the video without it, another guide changes it; autoguidance with
+    no guide, and a guide with other inputs, are one-line errors."""
+    import shutil
+
+    from cascade.config import ConfigError
+    from cascade.models.dit import VideoDiT
+    root = tmp_path / "ag"
+    root.mkdir()
+    (root / "vae").symlink_to(stages / "vae")
+    shutil.copytree(stages / "base", root / "base")
+    shutil.copytree(stages / "base", root / "base" / "guide")
+    pipe = Pipeline(root)
+    off = pipe(PROMPT, seed=1, steps=3, progress=False, base={"autoguidance": 1.0}).video
+    own = pipe(PROMPT, seed=1, steps=3, progress=False, base={"autoguidance": 3.0}).video
+    torch.testing.assert_close(own, off, atol=1e-4, rtol=0)       # x0 + 2 (x0(txt) - x0(txt))
+    gcfg = load_config(root / "base" / "config.yaml")
+    torch.manual_seed(7)
+    shutil.rmtree(root / "base" / "guide")
+    export_random(gcfg, randomize_zero_init(VideoDiT(gcfg.dit)), root / "base" / "guide")
+    other = Pipeline(root)(PROMPT, seed=1, steps=3, progress=False, base={"autoguidance": 3.0}).video
+    assert (other - off).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="autoguidance 2.0 needs a guide model in .*guide"):
+        Pipeline(stages)(PROMPT, seed=1, steps=2, progress=False, base={"autoguidance": 2.0})
+    assert main(["sample", PROMPT, "--stages", str(stages), "--out", str(tmp_path / "o"),
+                 "--steps", "2", "--autoguidance", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()            # (after the text encoder's load report)
+    assert "needs a guide model" in err[-1] and sum("guide" in e for e in err) == 1, err
+    flow = load_config(root / "base" / "config.yaml", ["diffusion.parameterisation=flow",
+                                                      "diffusion.min_snr_gamma=0"])
+    save_config(flow, root / "base" / "guide" / "config.yaml")
+    with pytest.raises(ConfigError, match="guide's diffusion.parameterisation is 'flow'"):
+        Pipeline(root)
+
+
 # ----------------------------------------------------------------------------- the whole cascade
 
 def test_keyframe_groups():

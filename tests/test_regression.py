@@ -31,8 +31,10 @@ The base samples here at guidance 2.5 at every step (BASE_SAMPLING), not at its 
 (4.5 at t >= 0.4): at 4 steps the stronger guidance carries rounding much further (the same
 variations moved the keyframes by 5.6e-5, interp's residual by 1.8e-4 and the statistics by
 3.5e-4, against a 1.001 change of SR's last conv at 5.8e-4), so no bound could tell rounding from
-a changed weight. The weights and every code path are the same; the default sampling itself is
-measured by `cascade eval` (docs/tiny-cascade.md).
+a changed weight. It samples without autoguidance too (its guide, base/guide, is
+weights/tiny-flow/base, checked by its own SHA256SUMS when it loads; the autoguided denoiser is
+tests/test_diffusion.py's and test_pipeline.py's). The weights and every other code path are the
+same; the default sampling itself is measured by `cascade eval` (docs/tiny-cascade.md).
 
 Regenerate the reference only when a change is meant to change the videos:
 
@@ -58,7 +60,7 @@ PROMPTS = ("a red circle moving left on a blue background",
 BOUNDS = {"keyframes_latent": 3e-4, "interp_residual": 5e-4, "stats": 1e-4}
 VIDEO_LEVELS, VIDEO_SHARE, VIDEO_MAX = 1, 0.005, 8
 # the base's guidance, fixed here rather than read from its config (see the docstring)
-BASE_SAMPLING = {"guidance": 2.5, "guidance_interval": (0.0, 1.0)}
+BASE_SAMPLING = {"guidance": 2.5, "guidance_interval": (0.0, 1.0), "autoguidance": 1.0}
 # fresh-process variations measured by --measure: name -> (environment, threads, batch_size, mkldnn)
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
 VARIATIONS = {"2 threads": ({}, 2, 1, True),

@@ -38,6 +38,29 @@ def test_the_guidance_slider_starts_at_the_default(studio):
     assert slider(Studio(studio.stages, {"base": {"guidance": 3.0}}, out_dir=studio.out)) == [3.0]
 
 
+def test_the_autoguidance_slider_shows_where_the_base_has_a_guide(studio, tmp_path):
+    """Hidden for a base with no guide/ (where autoguidance other than 1 is a one-line error),
+    shown at the config's weight where it has one, and generating with it works."""
+    from cascade.serve import Studio, build_app
+
+    def slider(st):
+        return [(b.value, b.visible) for b in build_app(st).blocks.values()
+                if getattr(b, "label", None) == "Base autoguidance (1: off)"]
+    assert slider(studio) == [(1.0, False)]
+    with pytest.raises(ValueError, match="needs a guide model"):
+        studio.generate("Text to video", PROMPT, base_autoguidance=2.0)
+    root = tmp_path / "ag"
+    root.mkdir()
+    for name in ("vae", "interp", "sr"):
+        (root / name).symlink_to(studio.stages / name)
+    shutil.copytree(studio.stages / "base", root / "base")
+    shutil.copytree(studio.stages / "base", root / "base" / "guide")
+    guided = Studio(root, FAST, out_dir=tmp_path / "out")
+    assert slider(guided) == [(1.0, True)]
+    out = guided.generate("Text to video", PROMPT, base_autoguidance=2.0)
+    assert Path(out["video"]).is_file()
+
+
 def test_every_task_through_the_studio(studio, tmp_path):
     from PIL import Image
 

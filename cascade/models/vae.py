@@ -40,6 +40,15 @@ groups to the output width) going down, channel-to-space (channels repeated, the
 causal stride-2 conv and the causal upsampling count frames. The convs then learn a residual over
 a path that already carries the picture, which DC-AE found makes high-compression autoencoders
 far easier to optimise. No parameters: an export without shortcuts keeps its state dict.
+
+`patch` folds p x p pixels into channels before the first conv and unfolds the last conv's p^2 x 3
+channels back into pixels (LTX-Video's patchify, HaCohen et al. 2024, Sec. 2.1), so the network
+runs at 1/p of the side: the same compute buys p^2 times the width. Beside the deep path a linear
+1 x 1 conv maps each latent's f x f pixel patch (f the spatial factor; in time, the frame its slot
+ends on) to the latent (the encoder's mean) and each latent back to its patch (the decoder's
+output, over its slot's frames): a linear patch code, which PCA shows is already most of the answer
+(8 components of 4 x 4 x 3 patches: 26.5 dB on the held-out photographs' clips, against 24.0 for
+bilinear x4), so the deep path learns only the residual.
 """
 from __future__ import annotations
 
@@ -220,7 +229,8 @@ class Encoder(nn.Module):
         super().__init__()
         chs = level_widths(cfg)
         kt = 1 if cfg.frame_encoder else 3
-        self.conv_in = CausalConv3d(cfg.in_channels, chs[0], (kt, 3, 3))
+        self.patch = cfg.patch
+        self.conv_in = CausalConv3d(cfg.in_channels * cfg.patch ** 2, chs[0], (kt, 3, 3))
         blocks, cin = [], chs[0]
         for i, ch in enumerate(chs):
             for _ in range(cfg.num_res_blocks):
@@ -232,14 +242,23 @@ class Encoder(nn.Module):
         moments = 2 if cfg.bottleneck == "kl" else 1                        # (mean, logvar) or codes
         self.conv_out = CausalConv3d(cin, moments * cfg.latent_channels, (kt, 3, 3))
         self.shortcut, self.latent_channels = cfg.shortcut, cfg.latent_channels
+        self.f, self.s = cfg.spatial_factor(), 2 ** sum(bool(t) for t in cfg.temporal_down)
+        self.linear = CausalConv3d(cfg.in_channels * self.f ** 2, cfg.latent_channels, 1) \
+            if cfg.patch > 1 else None                                       # the linear patch code
 
     def forward(self, x):                                                    # (B, 3, T, H, W)
+        pixels = x
+        x = rearrange(x, "b c t (h i) (w j) -> b (c i j) t h w", i=self.patch, j=self.patch)
         h = self.blocks(self.conv_in(x))                                     # (B, C, T', h, w)
         out = self.conv_out(F.silu(h))                                       # (B, 2Cz or Cz, T', h, w)
-        if not self.shortcut:
-            return out
-        cz = self.latent_channels                                            # the mean (kl) or codes get it
-        return torch.cat([out[:, :cz] + channel_average(h, cz), out[:, cz:]], 1)
+        cz = self.latent_channels                                            # the mean (kl) or codes get these
+        if self.shortcut:
+            out = torch.cat([out[:, :cz] + channel_average(h, cz), out[:, cz:]], 1)
+        if self.linear is not None:                                          # each latent's f x f patch of
+            patches = rearrange(pixels[:, :, ::self.s], "b c t (h i) (w j) -> b (c i j) t h w",
+                                i=self.f, j=self.f)                          # the frame its slot ends on
+            out = torch.cat([out[:, :cz] + self.linear(patches), out[:, cz:]], 1)
+        return out
 
 
 class Decoder(nn.Module):
@@ -258,13 +277,22 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(cin, chs[i - 1], cfg.temporal_down[i - 1], sep, cfg.shortcut))
                 cin = chs[i - 1]
         self.blocks = nn.Sequential(*blocks)
-        self.conv_out = causal_conv(cin, cfg.in_channels, 3, sep)
+        self.patch = cfg.patch
+        self.conv_out = causal_conv(cin, cfg.in_channels * cfg.patch ** 2, 3, sep)
+        self.f, self.s = cfg.spatial_factor(), 2 ** sum(bool(t) for t in cfg.temporal_down)
+        self.linear = CausalConv3d(cfg.latent_channels, cfg.in_channels * self.f ** 2, 1) \
+            if cfg.patch > 1 else None                                       # the linear patch code
 
     def forward(self, z):                                                    # (B, Cz, T', h, w)
         h = self.blocks[0](z)                                                # (B, C, T', h, w)
         if self.shortcut:
             h = h + channel_repeat(z, h.shape[1])
-        return self.conv_out(F.silu(self.blocks[1:](h)))                     # (B, 3, T, H, W)
+        out = self.conv_out(F.silu(self.blocks[1:](h)))                      # (B, 3 p^2, T, H/p, W/p)
+        out = rearrange(out, "b (c i j) t h w -> b c t (h i) (w j)", i=self.patch, j=self.patch)
+        if self.linear is not None:                                          # each latent's f x f patch,
+            lin = rearrange(self.linear(z), "b (c i j) t h w -> b c t (h i) (w j)", i=self.f, j=self.f)
+            out = out + lin.repeat_interleave(self.s, dim=2)[:, :, self.s - 1:]  # on its slot's frames
+        return out
 
 
 class DiagonalGaussian:
@@ -328,7 +356,7 @@ class VideoVAE(nn.Module):
 
     @property
     def spatial_factor(self) -> int:
-        return 2 ** (len(self.cfg.channel_mults) - 1)
+        return self.cfg.spatial_factor()
 
     @property
     def temporal_factor(self) -> int:

@@ -94,6 +94,28 @@ def load_network(folder: str | Path, stage: str, device="cpu"):
     return net.eval().requires_grad_(False).to(device), cfg
 
 
+GUIDE = "guide"          # an export's subfolder holding its autoguidance model
+
+
+def load_guide(folder: str | Path, cfg: StageConfig, device="cpu"):
+    """The autoguidance model of an export (Karras et al. 2024): folder/guide, an export of the same
+    stage trained on the same data, smaller or shorter, taking the same inputs -> the frozen network,
+    or None where there is no such folder. A guide that cannot stand in for the model (another
+    stage, parameterisation, text encoder or frame inputs) is a one-line ConfigError."""
+    path = Path(folder) / GUIDE
+    if not path.is_dir():
+        return None
+    net, gcfg = load_network(path, cfg.stage, device)
+    same = {"diffusion.parameterisation": lambda c: c.diffusion.parameterisation,
+            "text": text_key, "dit.cond_frames": lambda c: c.dit.cond_frames,
+            "dit.in_channels": lambda c: c.dit.in_channels}
+    for name, get in same.items():
+        if get(gcfg) != get(cfg):
+            raise ConfigError(f"{path}: the guide's {name} is {get(gcfg)!r}, the model's "
+                              f"{get(cfg)!r}; autoguidance needs a guide with the same inputs")
+    return net
+
+
 def text_key(cfg: StageConfig) -> tuple:
     """Stages whose text encoders agree on this key share one encoder (and one encoding)."""
     return (cfg.text.encoder, cfg.text.max_length)
@@ -139,6 +161,7 @@ class DiffusionStage:
         from cascade.diffusion import Diffusion
         self.cfg, self.net, self.text = cfg, net, text
         self.text_key = text_key(cfg)
+        self.guide, self.folder = None, None
         self.diffusion = Diffusion(cfg.diffusion)
 
     @classmethod
@@ -148,11 +171,19 @@ class DiffusionStage:
         net, cfg = load_network(folder, cls.name, device)
         stage = cls.__new__(cls)
         stage._setup(cfg, net, load_text_encoder(cfg, cls.network, device, encoders, f"{folder}: "))
+        stage.guide, stage.folder = load_guide(folder, cfg, device), Path(folder)
         return stage
 
     def encode_text(self, prompts: list[str]) -> tuple[dict, dict]:
         """The prompts' text condition and the null condition (batch 1) for guidance."""
         return self.text(prompts), self.text.null(len(prompts))
+
+    def check_guide(self, s) -> None:
+        """A resolved sampling's autoguidance other than 1 needs the export's guide (one line)."""
+        if s.autoguidance != 1 and self.guide is None:
+            raise ValueError(f"{self.name}: autoguidance {s.autoguidance} needs a guide model in "
+                             f"{self.folder or 'the export'}/{GUIDE} (an export of the same stage, "
+                             f"smaller or less trained); 1 turns it off")
 
     def denoise(self, noise, cond: dict, uncond: dict, sampling, generator, progress: bool,
                 null_image: dict | None = None, known=None, start=None, reference=None):
@@ -165,6 +196,7 @@ class DiffusionStage:
         attention for an edit (`cascade.injection.SourceAttention`)."""
         s = resolve_sampling(sampling, config=self.cfg.diffusion)
         image = s.image_guidance if s.image_guidance is not None else self.cfg.cond.image_guidance
+        self.check_guide(s)
         return self.diffusion.sample(self.net, noise, cond, uncond, steps=s.steps,
                                      guidance=s.guidance, sampler=s.sampler,
                                      guidance_interval=s.guidance_interval,
@@ -173,7 +205,8 @@ class DiffusionStage:
                                      null_image=null_image, known=known,
                                      start=start[:2] if start is not None else None,
                                      start_noised=start is not None and len(start) > 2 and start[2],
-                                     reference=reference)
+                                     reference=reference, guide=self.guide,
+                                     autoguidance=s.autoguidance)
 
     def loss(self, net, inputs):
         """The shared diffusion loss on prepared inputs (x0, t, noise and `cond_keys`)."""

@@ -63,16 +63,18 @@ def test_image_is_a_one_frame_video():
     assert m.decode_image(post.mode()).shape == img.shape
 
 
-@pytest.mark.parametrize("shortcut", [False, True])
+@pytest.mark.parametrize("shortcut, patch", [(False, 1), (True, 1), (False, 2)])
 @pytest.mark.parametrize("tdown", [[False, False], [True, False], [True, True]])
-def test_causality(tdown, shortcut):
+def test_causality(tdown, shortcut, patch):
     """Pixel frame f lives in latent slot ceil(f / s): changing it leaves every earlier slot of the
     latent unchanged, and changing latent slot t leaves every pixel frame of earlier slots unchanged
-    (also through DC-AE's shortcuts, which take frames 0, 2, ... going down)."""
+    (also through DC-AE's shortcuts, which take frames 0, 2, ... going down, and through the
+    patchify's linear patch code)."""
     torch.manual_seed(0)
-    m = VideoVAE(tiny_cfg(channel_mults=[1, 2, 2], temporal_down=tdown, shortcut=shortcut)).eval()
+    m = VideoVAE(tiny_cfg(channel_mults=[1, 2, 2], temporal_down=tdown, shortcut=shortcut,
+                          patch=patch)).eval()
     s, T = m.temporal_factor, 9
-    x = video(B=1, T=T, H=8, W=8)
+    x = video(B=1, T=T, H=8 * patch, W=8 * patch)
     with torch.no_grad():
         z = m.encode(x).mean                                                # (1, Cz, T', 2, 2)
         torch.testing.assert_close(z[:, :, :1], m.encode(x[:, :, :1]).mean)  # first frame alone
@@ -257,3 +259,33 @@ def test_dc_ae_shortcuts():
     with pytest.raises(ValueError, match="vae.shortcut"):
         VideoVAE(tiny_cfg(channels=6, channel_mults=[1, 2, 3], temporal_down=[False, False],
                            groups=0, latent_channels=4, shortcut=True))
+
+
+def test_patchify_and_its_linear_patch_code():
+    """vae.patch (LTX-Video's patchify): p x p pixels fold into channels before the first conv and
+    out of the last, so the spatial factor is p x 2^(levels - 1); beside the deep path a 1 x 1
+    linear map takes each patch to its latent and back. Known answer: with the deep path's output
+    convs zeroed and both linear maps the identity (48 latent channels = 3 x 4 x 4), any video comes
+    back exactly. patch < 1 is a one-line config error."""
+    from cascade.config import ConfigError, load_config
+    torch.manual_seed(0)
+    for patch, mults, f in ((4, [1], 4), (2, [1, 2], 4)):
+        m = VideoVAE(tiny_cfg(channel_mults=mults, temporal_down=[False] * (len(mults) - 1), patch=patch))
+        assert m.spatial_factor == f and m.latent_shape(3, 16, 24) == (4, 3, 16 // f, 24 // f)
+        recon, post = m(video(B=1, T=3, H=16, W=24))
+        assert recon.shape == (1, 3, 3, 16, 24) and post.mean.shape == (1, 4, 3, 4, 6)
+    m = VideoVAE(tiny_cfg(channel_mults=[1], temporal_down=[], patch=4, latent_channels=48)).eval()
+    with torch.no_grad():
+        for conv in (m.encoder.conv_out, m.decoder.conv_out):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        for lin in (m.encoder.linear, m.decoder.linear):
+            lin.weight.copy_(torch.eye(48).view(48, 48, 1, 1, 1))
+            lin.bias.zero_()
+        x = video(B=2, T=3, H=8, W=12)
+        torch.testing.assert_close(m(x, sample=False)[0], x)
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    with pytest.raises(ConfigError, match="vae.patch: must be >= 1"):
+        load_config(repo / "configs/tiny/vae.yaml", ["vae.patch=0"])
+    with pytest.raises(ConfigError, match="not divisible by the VAE's spatial downsampling 16"):
+        load_config(repo / "configs/tiny/vae.yaml", ["vae.patch=4", "data.height=40"])
