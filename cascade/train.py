@@ -262,7 +262,8 @@ def export(cfg: StageConfig, state: dict, folder: Path, metrics: dict | None = N
     (`swap_paths`), so the config, metrics and weights always come from the same export and a kill
     at any moment leaves the old export or the new one, never a mix and never none. Where the
     system cannot swap, the old folder is renamed aside first; a kill between the two renames
-    leaves it aside, and the next export puts it back before it starts."""
+    leaves it aside, and the next export puts it back before it starts. With train.guide, that
+    export is copied in as folder/guide (the model's autoguidance guide, cascade/stages/common.py)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     aside = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
@@ -278,6 +279,8 @@ def export(cfg: StageConfig, state: dict, folder: Path, metrics: dict | None = N
         if metrics:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_checksums(tmp)
+        if cfg.train.guide:
+            shutil.copytree(cfg.train.guide, tmp / "guide")
         for p in (*tmp.iterdir(), tmp):
             chmod_default(p)
         if not (folder.exists() or folder.is_symlink()):
@@ -677,6 +680,9 @@ def build_engine(cfg: StageConfig, stage, net: torch.nn.Module, device, world: i
         net.sequence_parallel(sp_group)                # the DiT runs on this rank's frames
     if t.init_from:
         init_weights(net, t.init_from, cfg.stage)
+    if t.guide:                                # checked now, copied in at export
+        from cascade.stages.common import load_export
+        load_export(t.guide, cfg.stage)
     if t.lora.rank:                                # only the adapters train (cascade/adapters.py)
         from cascade.adapters import add_lora
         net = add_lora(net, t.lora)

@@ -174,6 +174,16 @@ def test_autoguidance_from_the_exports_guide(stages, tmp_path, capsys):
         Pipeline(root)
 
 
+def test_train_guide_puts_the_guide_in_the_export(stages, tmp_path):
+    """train.guide: the export gets a copy of that export as guide/, which sampling then loads."""
+    from cascade.stages.common import load_export, load_guide
+    from cascade.train import export
+    cfg, state = load_export(stages / "base")
+    cfg.train.guide = str(stages / "base")
+    out = export(cfg, state, tmp_path / "export")
+    assert (out / "guide" / "model.safetensors").is_file() and load_guide(out, cfg) is not None
+
+
 # ----------------------------------------------------------------------------- the whole cascade
 
 def test_keyframe_groups():
