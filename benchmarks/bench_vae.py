@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from einops import rearrange
 
 from benchmarks.common import bench_args, grouped_bar_plot, optional_import, parse_args, report
 
@@ -64,6 +65,24 @@ def ours(folder):
     from cascade.stages import load_vae
     vae, _ = load_vae(folder)
     return lambda x: vae(x, sample=False)[0]
+
+
+def pca_code(train: torch.Tensor, factor: int, k: int):
+    """A linear patch code: the k principal components of the training clips' factor x factor x 3
+    pixel patches (the latent size of a VAE with k channels at 1/factor of the side), as a
+    reconstruction function of clips (N, 3, T, H, W): project each patch and back."""
+    def patches(x):                                                       # -> (N T H/f W/f, 3 f f)
+        return rearrange(x, "n c t (h i) (w j) -> (n t h w) (c i j)", i=factor, j=factor)
+    flat = patches(train)
+    mean = flat.mean(0)
+    basis = torch.linalg.svd(flat - mean, full_matrices=False).Vh[:k]      # (k, 3 f f)
+
+    def run(x):
+        N, _, T, H, W = x.shape
+        code = (patches(x) - mean) @ basis.T @ basis + mean
+        return rearrange(code, "(n t h w) (c i j) -> n c t (h i) (w j)", n=N, t=T, h=H // factor,
+                         i=factor, j=factor)
+    return run
 
 
 # ----------------------------------------------------------------------------- the peers
@@ -196,6 +215,8 @@ def main(argv=None):
     p.add_argument("--peer-steps", type=int, help="peer training steps (default: train.steps)")
     p.add_argument("--peer-dir", type=Path, default=REPO / "runs/peers", help="trained peers are kept here")
     p.add_argument("--lpips", default="auto", choices=("auto", "pretrained", "random", "off"))
+    p.add_argument("--pca", type=int, default=0, metavar="K", help="also a linear code: the K principal "
+                   "components of the training clips' pixel patches at the spatial factor (0: none)")
     args = parse_args(p, argv)
     from cascade.config import load_config
     from cascade.evaluate import load_lpips
@@ -212,6 +233,9 @@ def main(argv=None):
     models = {name: ours(folder) for name, folder in (v.split("=", 1) for v in args.vae)}
     f = cfg.vae.spatial_factor()
     models[f"bilinear x{f}"] = bilinear(f)
+    if args.pca:
+        train_clips = clip_set(args.natural, args.natural / "train.csv", d.frames, d.height, d.width, d.fps)
+        models[f"PCA {args.pca} of {f}x{f}x3 patches"] = pca_code(train_clips, f, args.pca)
     notes = {}
     peers = [k for k in args.peers.split(",") if k]
     if peers and optional_import("diffusers") is None:

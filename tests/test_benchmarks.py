@@ -80,3 +80,33 @@ def test_flop_counter_counts_cpu_attention():
         torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
 
     assert count_flops(attend) == 4 * 2 * 64 * 64 * 16 * 3.5     # forward + 2.5x backward
+
+
+def test_bench_vae_pca_code_known_answers():
+    """bench_vae's linear patch code: every component gives the clip back; one component gives
+    each patch its mean colour pattern (a constant clip stays constant)."""
+    from benchmarks.bench_vae import pca_code
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(3, 3, 4, 16, 16, generator=g) * 2 - 1               # 192 patches of 48 values
+    x = torch.rand(2, 3, 3, 8, 12, generator=g) * 2 - 1
+    torch.testing.assert_close(pca_code(train, 4, 48)(x), x, atol=1e-4, rtol=0)
+    assert pca_code(train, 4, 8)(x).shape == x.shape
+
+
+@pytest.mark.skipif(not HAVE_DIFFUSERS, reason="diffusers is an optional extra (.[bench])")
+def test_bench_vae_peers_match_our_compression_and_size():
+    """Each diffusers peer is built at the config's spatial factor and latent channels, at the width
+    whose parameter count is nearest ours (the natural config: a patchified VAE)."""
+    from benchmarks.bench_vae import build_peer, n_params, peer_forward
+    from cascade.config import load_config
+    from cascade.models.vae import VideoVAE
+    from pathlib import Path
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny/vae_natural.yaml")
+    ours = n_params(VideoVAE(cfg.vae))
+    x = torch.zeros(1, 3, 2, 16, 16)
+    for kind in ("cogvideox", "ltx"):
+        model, note = build_peer(kind, cfg.vae, ours)
+        assert abs(n_params(model) - ours) < 0.1 * ours, note
+        y, post = peer_forward(kind, model.eval(), x, sample=False)
+        assert y.shape == x.shape and post.mean.shape[1] == cfg.vae.latent_channels
+        assert post.mean.shape[-1] == 16 // cfg.vae.spatial_factor()
