@@ -201,7 +201,7 @@ def build_app(studio: Studio):
             table = gr.Markdown(elem_id="table")
             files = gr.File(label="Download (video, and each stage's)", file_count="multiple")
         shared = [seed, frames, height, width, base_steps, base_guidance, base_sampler, interp_steps,
-                  sr_steps, base_autoguidance, extend_prompt, adapters, stage_outputs]
+                  sr_steps, extend_prompt, adapters, stage_outputs, base_autoguidance]  # new ones last
 
         for task, (inputs, button) in tabs.items():
             names = list(inputs)
@@ -209,8 +209,8 @@ def build_app(studio: Studio):
             def run(prompt_text, *values, _task=task, _names=names, progress=gr.Progress(track_tqdm=True)):
                 own, rest = values[:len(_names)], values[len(_names):]
                 keys = ("seed", "frames", "height", "width", "base_steps", "base_guidance",
-                        "base_sampler", "interp_steps", "sr_steps", "base_autoguidance",
-                        "extend_prompt", "adapters", "stage_outputs")
+                        "base_sampler", "interp_steps", "sr_steps", "extend_prompt", "adapters",
+                        "stage_outputs", "base_autoguidance")
                 kw = dict(zip(_names, own)) | dict(zip(keys, rest))
                 try:
                     out = studio.generate(_task, prompt_text, **kw)

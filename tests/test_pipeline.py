@@ -166,7 +166,7 @@ def test_autoguidance_from_the_exports_guide(stages, tmp_path, capsys):
     assert main(["sample", PROMPT, "--stages", str(stages), "--out", str(tmp_path / "o"),
                  "--steps", "2", "--autoguidance", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()            # (after the text encoder's load report)
-    assert "needs a guide model" in err[-1] and sum("guide" in e for e in err) == 1, err
+    assert "needs a guide model" in err[-1] and sum("needs a guide" in e for e in err) == 1, err
     flow = load_config(root / "base" / "config.yaml", ["diffusion.parameterisation=flow",
                                                       "diffusion.min_snr_gamma=0"])
     save_config(flow, root / "base" / "guide" / "config.yaml")

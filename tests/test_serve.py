@@ -178,7 +178,7 @@ def test_load_all_requests_complete_in_order_and_memory_returns(server):
     from cascade.heap import malloc_trim
     url, studio = server
     client = Client(url, verbose=False)
-    args = lambda p: [p, 0, 0, 32, 32, 0, 2.0, "", 0, 0, False, "", False]   # noqa: E731
+    args = lambda p: [p, 0, 0, 32, 32, 0, 2.0, "", 0, 0, False, "", False, 1.0]   # noqa: E731
     client.predict(*args(PROMPT), api_name="/generate_text_to_video")      # warm-up
     gc.collect()
     malloc_trim()

@@ -156,12 +156,13 @@ class DiffusionStage:
     name = ""               # the stage's name in a stages folder and in configs
     network = ""            # which config section holds the network: dit | unet
     cond_keys = CACHED_TEXT  # the inputs the network's cond takes
+    guide = None            # the autoguidance model: from_export loads the export's guide/
+    folder = None           # the export it was loaded from
 
     def _setup(self, cfg: StageConfig, net: nn.Module, text) -> None:
         from cascade.diffusion import Diffusion
         self.cfg, self.net, self.text = cfg, net, text
         self.text_key = text_key(cfg)
-        self.guide, self.folder = None, None
         self.diffusion = Diffusion(cfg.diffusion)
 
     @classmethod
