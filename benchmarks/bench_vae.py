@@ -15,7 +15,9 @@ spatial compression (the baseline a VAE must beat), and the diffusers peers (Cog
 and LTX-Video's autoencoders) built at the same spatial compression and latent channels, each at the
 width whose parameter count is nearest the config's VAE (`build_peer`; noted under the table),
 trained here for --peer-steps (default: the config's train.steps) on the config's data with the
-same loss (L1 + L2 + KL), optimizer, schedule and EMA as `cascade train`. Peers need diffusers (`pip install -e '.[bench]'`).
+same loss (L1 + L2 + KL), optimizer, schedule and EMA as `cascade train`. Peers need diffusers
+(`pip install -e '.[bench]'`). --pca K adds a linear code: K principal components of the pixel
+patches.
 """
 from __future__ import annotations
 

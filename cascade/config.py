@@ -78,6 +78,10 @@ class VAEConfig:
         """Pixels per latent along a side: the patch, then 2 per level after the first."""
         return self.patch * 2 ** (len(self.channel_mults) - 1)
 
+    def temporal_factor(self) -> int:
+        """Pixel frames per latent frame after the first: 2 per downsampling in time."""
+        return 2 ** sum(bool(t) for t in self.temporal_down)
+
 
 @dataclass
 class DiTConfig:

@@ -59,7 +59,8 @@ class Studio:
                  seed: int = 0, frames: int | None = None,
                  height: int | None = None, width: int | None = None, base_steps=None,
                  base_guidance=None, base_sampler=None, interp_steps=None, sr_steps=None,
-                 base_autoguidance=None, extend_prompt: bool = False, adapters: str = "", stage_outputs: bool = False,
+                 base_autoguidance=None, extend_prompt: bool = False, adapters: str = "",
+                 stage_outputs: bool = False,
                  progress: bool = True) -> dict:
         """One job -> {"video": mp4 path, "sheet": PNG path, "table": markdown, "stages": [mp4
         paths], "prompt": the prompt used}. User mistakes raise one-line ValueErrors."""

@@ -280,7 +280,8 @@ def export(cfg: StageConfig, state: dict, folder: Path, metrics: dict | None = N
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_checksums(tmp)
         if cfg.train.guide:
-            shutil.copytree(cfg.train.guide, tmp / "guide")
+            from cascade.stages.common import GUIDE
+            shutil.copytree(cfg.train.guide, tmp / GUIDE)
         for p in (*tmp.iterdir(), tmp):
             chmod_default(p)
         if not (folder.exists() or folder.is_symlink()):

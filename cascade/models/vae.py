@@ -242,7 +242,7 @@ class Encoder(nn.Module):
         moments = 2 if cfg.bottleneck == "kl" else 1                        # (mean, logvar) or codes
         self.conv_out = CausalConv3d(cin, moments * cfg.latent_channels, (kt, 3, 3))
         self.shortcut, self.latent_channels = cfg.shortcut, cfg.latent_channels
-        self.f, self.s = cfg.spatial_factor(), 2 ** sum(bool(t) for t in cfg.temporal_down)
+        self.f, self.s = cfg.spatial_factor(), cfg.temporal_factor()
         self.linear = CausalConv3d(cfg.in_channels * self.f ** 2, cfg.latent_channels, 1) \
             if cfg.patch > 1 else None                                       # the linear patch code
 
@@ -279,7 +279,7 @@ class Decoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.patch = cfg.patch
         self.conv_out = causal_conv(cin, cfg.in_channels * cfg.patch ** 2, 3, sep)
-        self.f, self.s = cfg.spatial_factor(), 2 ** sum(bool(t) for t in cfg.temporal_down)
+        self.f, self.s = cfg.spatial_factor(), cfg.temporal_factor()
         self.linear = CausalConv3d(cfg.latent_channels, cfg.in_channels * self.f ** 2, 1) \
             if cfg.patch > 1 else None                                       # the linear patch code
 
@@ -360,7 +360,7 @@ class VideoVAE(nn.Module):
 
     @property
     def temporal_factor(self) -> int:
-        return 2 ** sum(bool(t) for t in self.cfg.temporal_down)
+        return self.cfg.temporal_factor()
 
     @property
     def latent_scale(self) -> float:
