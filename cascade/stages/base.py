@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cascade.config import ConfigError, StageConfig
-from cascade.sampling import resolve_sampling
+from cascade.sampling import StageSampling, resolve_sampling
 from cascade.stages.common import CACHED_TEXT, DiffusionStage, load_text_encoder, text_condition
 
 FRAME_KEYS = ("frames", "frame_mask", "aug_t")   # the network's frame-condition inputs (dit.cond_frames)
@@ -179,7 +179,9 @@ class BaseStage(DiffusionStage):
         after its last), as its frame prompt; they stay in latent space (no decode and re-encode)
         and are kept exactly. Windows are sampled one after the other, each drawing its noise
         from the videos' streams, so the cost grows linearly with the keyframes. The given mask
-        must be the same for every video (a call's conditions are). -> (B, Cz, Kb, h, w)."""
+        must be the same for every video (a call's conditions are). Windows after the first sample
+        without autoguidance: with it their joins jumped (long videos, seed 0: seam 1.92 against
+        1.28 with the guide in the first window only, 1.35 with none). -> (B, Cz, Kb, h, w)."""
         if not self.frame_prompts:
             raise ValueError(f"frames: {shape[2]} keyframes are more than this base's "
                              f"{self.cfg.dit.frames}, and it was not trained for frame prompts "
@@ -189,6 +191,7 @@ class BaseStage(DiffusionStage):
         dev = next(self.net.parameters()).device
         latents = torch.zeros(shape, device=dev) if given is None else given[0].to(dev).clone().float()
         known = torch.zeros(Kb, dtype=torch.bool) if given is None else given[1][0].bool().clone()
+        first = True
         while not known.all():
             unknown = (~known).nonzero().flatten()
             if backward:
@@ -200,7 +203,10 @@ class BaseStage(DiffusionStage):
             mask = known[win].float().expand(B, W)
             g = (latents[:, :, win], mask) if known[win].any() else None
             st = (start[0][:, :, win], start[1]) if start is not None else None
-            latents[:, :, win] = self.sample((B, Cz, W, h, w), cond, uncond, sampling, generator,
+            s = sampling if first else \
+                StageSampling(autoguidance=1.0).over(StageSampling.of(sampling))  # see docstring
+            first = False
+            latents[:, :, win] = self.sample((B, Cz, W, h, w), cond, uncond, s, generator,
                                              progress, g, st).float()
             known[win] = True
         return latents
