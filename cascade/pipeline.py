@@ -16,7 +16,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -485,8 +485,8 @@ class Pipeline:
                 source = rows((given["source"],))[0]
                 start = (source, plan.strength)
                 if plan.inversion == "ddim":                         # inverted with its own caption
-                    sampling = {**sampling, "base": StageSampling(autoguidance=1.0).over(
-                        sampling["base"])}                           # as inverted: no autoguidance
+                    sampling = {**sampling, "base": replace(StageSampling.of(sampling["base"]),
+                                                            autoguidance=1.0)}  # as inverted
                     caption = self.base.encode_text([plan.caption] * B)
                     reference = SourceAttention(plan.inject) if plan.inject else None
                     start = (self.base.invert(source, *caption, sampling["base"], plan.strength,

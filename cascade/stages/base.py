@@ -3,6 +3,8 @@ text-conditioned, trained with the shared diffusion loss; at sampling it draws t
 keyframes from noise."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from cascade.config import ConfigError, StageConfig
@@ -203,8 +205,7 @@ class BaseStage(DiffusionStage):
             mask = known[win].float().expand(B, W)
             g = (latents[:, :, win], mask) if known[win].any() else None
             st = (start[0][:, :, win], start[1]) if start is not None else None
-            s = sampling if first else \
-                StageSampling(autoguidance=1.0).over(StageSampling.of(sampling))  # see docstring
+            s = sampling if first else replace(StageSampling.of(sampling), autoguidance=1.0)
             first = False
             latents[:, :, win] = self.sample((B, Cz, W, h, w), cond, uncond, s, generator,
                                              progress, g, st).float()

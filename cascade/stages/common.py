@@ -179,13 +179,6 @@ class DiffusionStage:
         """The prompts' text condition and the null condition (batch 1) for guidance."""
         return self.text(prompts), self.text.null(len(prompts))
 
-    def check_guide(self, s) -> None:
-        """A resolved sampling's autoguidance other than 1 needs the export's guide (one line)."""
-        if s.autoguidance != 1 and self.guide is None:
-            raise ValueError(f"{self.name}: autoguidance {s.autoguidance} needs a guide model in "
-                             f"{self.folder or 'the export'}/{GUIDE} (an export of the same stage, "
-                             f"smaller or less trained); 1 turns it off")
-
     def denoise(self, noise, cond: dict, uncond: dict, sampling, generator, progress: bool,
                 null_image: dict | None = None, known=None, start=None, reference=None):
         """The network's sample from `noise` at t = 1, through the shared diffusion core, sampled
@@ -197,7 +190,10 @@ class DiffusionStage:
         attention for an edit (`cascade.injection.SourceAttention`)."""
         s = resolve_sampling(sampling, config=self.cfg.diffusion)
         image = s.image_guidance if s.image_guidance is not None else self.cfg.cond.image_guidance
-        self.check_guide(s)
+        if s.autoguidance != 1 and self.guide is None:
+            raise ValueError(f"{self.name}: autoguidance {s.autoguidance} needs a guide model in "
+                             f"{self.folder or 'the export'}/{GUIDE} (an export of the same stage, "
+                             f"smaller or less trained); 1 turns it off")
         return self.diffusion.sample(self.net, noise, cond, uncond, steps=s.steps,
                                      guidance=s.guidance, sampler=s.sampler,
                                      guidance_interval=s.guidance_interval,
