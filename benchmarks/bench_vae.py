@@ -246,9 +246,11 @@ def main(argv=None):
     steps = args.peer_steps or cfg.train.steps
     from cascade.models.vae import VideoVAE
     params = n_params(VideoVAE(cfg.vae))
+    import hashlib                                      # a peer is reused only on the data it was trained on
+    data_tag = hashlib.sha256(Path(d.manifest).read_bytes()).hexdigest()[:8] if peers else ""
     for kind in peers:
         model, note = build_peer(kind, cfg.vae, params)
-        path = args.peer_dir / f"{args.config.stem}_{kind}_{n_params(model)}_{steps}.pt"
+        path = args.peer_dir / f"{args.config.stem}_{kind}_{n_params(model)}_{steps}_{data_tag}.pt"
         if path.is_file() and not args.smoke:
             model.load_state_dict(torch.load(path, weights_only=True))
             model.eval()

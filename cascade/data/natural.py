@@ -2,7 +2,8 @@
 ship, and clips of ffmpeg's own test-pattern generators, for proving the video autoencoder on
 content no one here drew (`cascade data natural`, `cascade data lavfi`).
 
-Photographs: scikit-image's bundled data images (the optional extra `pip install -e
+Photographs: scikit-image's bundled data images (its photographs, and six graphic images: text, a
+scanned page, a checkerboard, a colour wheel, its logo and a silhouette) (the optional extra `pip install -e
 '.[natural]'`) and matplotlib's sample photo. TRAIN_PHOTOS make the training clips; HELDOUT_PHOTOS
 (two of scikit-image's, and matplotlib's Grace Hopper: a source the training never saw) make the
 validation clips only, and `natural_clips` refuses to put one in the training set.
@@ -32,13 +33,16 @@ import torch
 import torch.nn.functional as F
 
 TRAIN_PHOTOS = ("astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
-                "motorcycle", "camera", "brick", "grass", "gravel", "moon", "coins", "clock")
+                "motorcycle", "camera", "brick", "grass", "gravel", "moon", "coins", "clock",
+                "text", "page", "checkerboard", "colorwheel", "logo", "horse")
 HELDOUT_PHOTOS = ("chelsea", "rocket", "grace_hopper")
 SUBJECTS = {"astronaut": "an astronaut", "coffee": "a cup of coffee", "hubble_deep_field":
             "galaxies in deep space", "immunohistochemistry": "stained tissue under a microscope",
             "retina": "a retina", "motorcycle": "a motorcycle", "camera": "a cameraman",
             "brick": "a brick wall", "grass": "grass", "gravel": "gravel", "moon": "the moon's surface",
-            "coins": "old coins", "clock": "a clock", "chelsea": "a cat", "rocket": "a rocket on its pad",
+            "coins": "old coins", "clock": "a clock", "text": "printed text", "page": "a printed page",
+            "checkerboard": "a checkerboard", "colorwheel": "a colour wheel", "logo": "a logo",
+            "horse": "a horse's silhouette", "chelsea": "a cat", "rocket": "a rocket on its pad",
             "grace_hopper": "a woman in uniform"}
 MOTIONS = ("pans left", "pans right", "pans up", "pans down", "zooms in", "zooms out",
            "rotates clockwise", "rotates counterclockwise")
@@ -61,6 +65,11 @@ def photo(name: str) -> torch.Tensor:
                              "(pip install -e '.[natural]', or pip install scikit-image)") from None
         rgb = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
     rgb = np.asarray(rgb)
+    if rgb.dtype == bool:                                        # horse: a binary silhouette
+        rgb = rgb.astype(np.uint8) * 255
+    if rgb.ndim == 3 and rgb.shape[2] == 4:                      # logo: RGBA, composited on white
+        a = rgb[..., 3:].astype(np.float32) / 255.0
+        rgb = (rgb[..., :3] * a + 255.0 * (1 - a)).round().astype(np.uint8)
     if rgb.ndim == 2:
         rgb = np.repeat(rgb[..., None], 3, axis=2)
     return torch.from_numpy(rgb[..., :3].astype(np.float32) / 255.0).permute(2, 0, 1)

@@ -73,3 +73,14 @@ def test_mix_synthetic_replaces_a_share_of_samples(tmp_path):
     assert all(ds[i]["video"].shape == (3, 4, 16, 16) for i in range(4))
     val = build_dataset(cfg.data, "val")
     assert all("photograph" in val[i]["caption"] for i in range(len(val)))   # val unmixed
+
+
+@needs_skimage
+def test_every_photograph_loads_as_rgb_in_unit_range():
+    """Grey, binary (horse) and RGBA (logo, composited on white) images all become (3, H, W) in [0, 1]."""
+    for name in TRAIN_PHOTOS + HELDOUT_PHOTOS:
+        img = photo(name)
+        assert img.dim() == 3 and img.shape[0] == 3 and 0 <= img.min() and img.max() <= 1, name
+    horse, logo = photo("horse"), photo("logo")
+    assert set(horse.unique().tolist()) == {0.0, 1.0}          # bool -> black and white, not 0 and 1/255
+    assert logo[:, 0, 0].tolist() == [1.0, 1.0, 1.0]           # transparent corner -> white
