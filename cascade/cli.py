@@ -495,13 +495,17 @@ def cmd_eval(args) -> None:
     writable_folder(args.out)
     cc = load_cascade(args.cascade)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts = default_prompts(args.num_prompts, args.seed)              # checks the count first
+    # the user's own prompts (each must be in the domain: evaluate checks) or the domain's
+    prompts = args.prompt or default_prompts(args.num_prompts, args.seed)
     if args.task != "t2v":
+        if args.videos_per_prompt != 1:
+            raise ValueError("--videos-per-prompt: only for --task t2v")
         return eval_task(args, cc, prompts, device)
     report = evaluate(find_stages(args, cc, {"vae", "base"}, train=False), prompts,
                       seed=args.seed, sampling=resolve_sampling(args, cc), batch_size=args.batch_size,
                       heldout=args.heldout, lpips=args.lpips, device=device,
-                      size=(args.height, args.width), progress=not args.no_progress)
+                      size=(args.height, args.width), progress=not args.no_progress,
+                      videos_per_prompt=args.videos_per_prompt)
     print(markdown(report))
     for path in write_report(report, args.out):
         print(f"wrote {path}")
@@ -703,6 +707,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cascade", default=str(DEFAULT_CASCADE), help="cascade YAML (sampling defaults)")
     e.add_argument("--num-prompts", type=int, default=32, help="prompts covering the domain")
     e.add_argument("--seed", type=int, default=0, help="picks the prompts, the noise, the truth clips")
+    e.add_argument("--prompt", action="append", help="evaluate this prompt instead of --num-prompts "
+                   "of the domain's (repeatable; it must name a colour, shape, motion and background "
+                   "the analyser reads)")
+    e.add_argument("--videos-per-prompt", type=int, default=1, help="videos per prompt, those of "
+                   "cascade sample --num-videos N: how often the cascade gets a prompt right")
     e.add_argument("--out", default="outputs/eval")
     add_sampling_flags(e)
     e.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")

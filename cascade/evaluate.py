@@ -324,7 +324,7 @@ def _plain(d: dict) -> dict:
 # ----------------------------------------------------------------------------- generation, ablations
 
 def generate_variants(pipe, prompts: list[str], seed: int, sampling: dict, batch_size: int,
-                      bar=None) -> dict:
+                      bar=None, num_videos: int = 1) -> dict:
     """Sample `prompts` through the cascade and its ablations -> {variant: (videos, time_scale)}.
     sampling: keyword arguments of the pipeline call (base= / interp= / sr= StageSampling, or
     steps= ...). time_scale: the videos' frame rate over the base stage's (`analyse`).
@@ -333,7 +333,8 @@ def generate_variants(pipe, prompts: list[str], seed: int, sampling: dict, batch
     base keyframes and the interp output of one full run ARE the "keyframes only" and "no sr"
     videos: one run gives full, no sr and keyframes only; "no interp" (sr on the keyframes) takes
     a second run with interp_passes=0. Prompts go in batches of batch_size (each video's noise
-    keyed by (seed, its prompt): `Pipeline`).
+    keyed by (seed, its prompt, its index among the prompt's num_videos): `Pipeline`, so a prompt's
+    videos are those of `cascade sample PROMPT --num-videos N --seed S`; prompt-major order).
     Variants exist only where the folder has the stages: no interp / no sr need both interp and
     sr; keyframes only needs one of them (else it is the full cascade)."""
     has_i, has_s = pipe.interp is not None, pipe.sr is not None
@@ -341,7 +342,8 @@ def generate_variants(pipe, prompts: list[str], seed: int, sampling: dict, batch
     scale: dict[str, float] = {}
     for i in range(0, len(prompts), batch_size):
         chunk, s = prompts[i:i + batch_size], seed
-        res = pipe(chunk, seed=s, **sampling, batch_size=batch_size, progress=False)
+        res = pipe(chunk, seed=s, **sampling, num_videos=num_videos, batch_size=batch_size,
+                   progress=False)
         got = {"full": (res.video, res.fps)}
         if has_i and has_s:
             got["no sr"] = (res.stages["lowres"], res.stage_fps["lowres"])
@@ -350,8 +352,8 @@ def generate_variants(pipe, prompts: list[str], seed: int, sampling: dict, batch
         if bar is not None:
             bar.update()
         if has_i and has_s:
-            res2 = pipe(chunk, seed=s, **sampling, interp_passes=0, batch_size=batch_size,
-                        progress=False)
+            res2 = pipe(chunk, seed=s, **sampling, interp_passes=0, num_videos=num_videos,
+                        batch_size=batch_size, progress=False)
             got["no interp"] = (res2.video, res2.fps)
             if bar is not None:
                 bar.update()
@@ -454,16 +456,19 @@ class EvalReport:
 
 def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = None,
              batch_size: int = 8, heldout: int = 8, lpips: str = "auto", device="cpu",
-             size: tuple = (None, None), progress: bool = True) -> EvalReport:
+             size: tuple = (None, None), progress: bool = True, videos_per_prompt: int = 1) -> EvalReport:
     """Run every measurement on the cascade in `folder` (see the module docstring). size: the
-    videos' (height, width) in pixels, None for the trained size (the analyser reads any)."""
+    videos' (height, width) in pixels, None for the trained size (the analyser reads any).
+    videos_per_prompt: videos sampled per prompt (those of `cascade sample --num-videos`), each
+    scored: how often the cascade gets one prompt right."""
     from tqdm.auto import tqdm
 
-    from cascade.pipeline import Pipeline
+    from cascade.pipeline import MAX_VIDEOS, Pipeline
     from cascade.registry import DIFFUSION_STAGES
-    from cascade.sampling import StageSampling, resolve_sampling
+    from cascade.sampling import StageSampling, check_number, resolve_sampling
     if not prompts:
         raise ValueError("eval: needs at least one prompt (--num-prompts >= 1)")
+    check_number("--videos-per-prompt", videos_per_prompt, 1, MAX_VIDEOS, integer=True)
     if batch_size < 1 or heldout < 0:
         raise ValueError(f"eval: --batch-size must be >= 1 and --heldout >= 0, got {batch_size}, "
                          f"{heldout}")
@@ -483,7 +488,8 @@ def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = 
                disable=not progress)
     bar.set_postfix_str("sampling")
     variants = generate_variants(pipe, prompts, seed, {**sampling, "height": size[0], "width": size[1]},
-                                 batch_size, bar)
+                                 batch_size, bar, videos_per_prompt)
+    prompts = [p for p in prompts for _ in range(videos_per_prompt)]         # one per video
     bar.set_postfix_str("scoring")
     rows, videos = [], {}
     for name, (v, ts) in variants.items():
@@ -511,7 +517,8 @@ def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = 
     else:
         skipped.append("stage quality: --heldout 0")
     bar.close()
-    info = {"stages_folder": str(folder), "seed": seed, "num_prompts": len(prompts), "prompts": prompts,
+    info = {"stages_folder": str(folder), "seed": seed, "num_prompts": len(prompts) // videos_per_prompt,
+            "videos_per_prompt": videos_per_prompt, "prompts": prompts,
             "size": list(size),
             "batch_size": batch_size, "heldout_clips": heldout, "lpips": lp_name, "device": str(device),
             "sampling": {st.name: vars(resolve_sampling(sampling[st.name], config=st.cfg.diffusion))
@@ -559,7 +566,9 @@ def markdown(report: EvalReport) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in report.rows]
     lines.append("")
-    lines.append(f"Accuracies are fractions of {report.info['num_prompts']} prompts; one_object: exactly "
+    n, k = report.info["num_prompts"], report.info.get("videos_per_prompt", 1)
+    of = f"{n * k} videos ({n} prompts x {k})" if k > 1 else f"{n} prompts"
+    lines.append(f"Accuracies are fractions of {of}; one_object: exactly "
                  f"one object in every frame (\"all\" needs it and the four factors); track_jitter: "
                  f"RMS of the centroids off their fitted line, fraction of the side; frame_diff: mean "
                  f"|frame t+1 - frame t| in [0, 1] units; *_ratio: over ground-truth clips of the same "

@@ -130,9 +130,35 @@ def test_cli_eval_at_a_non_square_size(stages, tmp_path, capsys):  # noqa: F811
     assert [r["size"] for r in rows] == ["16x24"] * 3                    # the truth rendered there too
 
 
+def test_cli_eval_one_prompt_many_videos_are_those_of_sample(stages, tmp_path, capsys):  # noqa: F811
+    """--prompt P --videos-per-prompt N scores the N videos `cascade sample P --num-videos N` makes
+    (the same noise: same videos in the same process), one analysis per video."""
+    prompt, out = "a red circle moving left on a blue background", tmp_path / "eval"
+    rc = main(["eval", "--stages", str(stages), "--prompt", prompt, "--videos-per-prompt", "3",
+               "--steps", "1", "--heldout", "0", "--lpips", "off", "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "fractions of 3 videos (1 prompts x 3)" in text
+    report = json.loads((out / "eval.json").read_text())
+    assert report["info"]["videos_per_prompt"] == 3 and report["info"]["num_prompts"] == 1
+    got = report["videos"]["full"]
+    assert [v["prompt"] for v in got] == [prompt] * 3
+    assert len({json.dumps(v["analysis"]) for v in got}) == 3           # three noises, not one
+    from cascade.evaluate import evaluate
+    one = {s: {"steps": 1} for s in ("base", "interp", "sr")}
+    report = evaluate(stages, [prompt], sampling=one, heldout=0, lpips="off", progress=False,
+                      videos_per_prompt=3)
+    videos = Pipeline(stages)(prompt, num_videos=3, steps=1, progress=False).video
+    assert torch.equal(report.samples, videos)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--stages", "/nonexistent/stages"], "stages folder not found"),
     (["eval", "--num-prompts", "0"], "--num-prompts must be >= 1"),
+    (["eval", "--prompt", "a red circle moving left on a blue background", "--videos-per-prompt", "0"],
+     "--videos-per-prompt"),
+    (["eval", "--prompt", "a dog running"], "not a caption of the synthetic domain"),
+    (["eval", "--task", "i2v", "--videos-per-prompt", "2"], "only for --task t2v"),
 ])
 def test_eval_errors_in_one_line(argv, message, capsys):
     assert main(argv) == 2
