@@ -226,9 +226,10 @@ def cmd_serve(args) -> None:
 
 def cmd_data(args) -> None:
     """`cascade data natural|lavfi --out DIR`: clip folders no one here drew (cascade/data/natural.py)."""
-    from cascade.data.natural import lavfi_clips, natural_clips
+    from cascade.data.natural import PHOTOGRAPHS, TRAIN_PHOTOS, lavfi_clips, natural_clips
     if args.kind == "natural":
-        out = natural_clips(args.out, seed=args.seed, per_photo=args.clips, progress=not args.no_progress)
+        out = natural_clips(args.out, seed=args.seed, per_photo=args.clips, progress=not args.no_progress,
+                            train_photos=PHOTOGRAPHS if args.photographs_only else TRAIN_PHOTOS)
         print(f"wrote {out}/train.csv and {out}/val.csv (held-out photographs only in val)")
     else:
         out = lavfi_clips(args.out)
@@ -600,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--out", required=True, help="the folder to write (clips and manifests)")
     da.add_argument("--seed", type=int, default=0)
     da.add_argument("--clips", type=int, default=24, help="natural: training clips per photograph")
+    da.add_argument("--photographs-only", action="store_true", help="natural: leave out the six "
+                    "graphic images (text, page, checkerboard, colour wheel, logo, silhouette)")
     da.add_argument("--no-progress", action="store_true")
     da.set_defaults(fn=cmd_data)
     tu = sub.add_parser("tune", help="one-shot tuning (Tune-A-Video): a LoRA adapter of the base "

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from cascade.data.natural import HELDOUT_PHOTOS, TRAIN_PHOTOS, camera_clip, natural_clips, photo
+from cascade.data.natural import (HELDOUT_PHOTOS, PHOTOGRAPHS, TRAIN_PHOTOS, camera_clip, natural_clips,
+                                  photo)
 
 needs_skimage = pytest.mark.skipif(__import__("importlib").util.find_spec("skimage") is None,
                                    reason="the optional extra: pip install -e '.[natural]'")
@@ -36,6 +37,11 @@ def test_clips_are_deterministic_and_held_out_photographs_stay_out(tmp_path):
     clip, _ = camera_clip(photo(name), 9, 64, 64, np.random.default_rng((3, 0, 0, k)))
     from cascade.video_io import to_uint8
     assert (read_video(a / train[0]["path"])[0] == to_uint8(clip)).all()   # as rendered
+    from cascade.cli import main                           # the photographs alone: the same clips
+    assert main(["data", "natural", "--out", str(tmp_path / "p"), "--seed", "3", "--clips", "1",
+                 "--photographs-only", "--no-progress"]) == 0
+    photos = rows(tmp_path / "p" / "train.csv")
+    assert {r["source"] for r in photos} == set(PHOTOGRAPHS) and photos == train[:len(photos)]
     with pytest.raises(ValueError, match="both a training and a held-out"):
         natural_clips(tmp_path / "c", train_photos=("astronaut", "chelsea"), progress=False)
     import numpy as np
