@@ -17,7 +17,7 @@ width whose parameter count is nearest the config's VAE (`build_peer`; noted und
 trained here for --peer-steps (default: the config's train.steps) on the config's data with the
 same loss (L1 + L2 + KL), optimizer, schedule and EMA as `cascade train`. Peers need diffusers
 (`pip install -e '.[bench]'`). --pca K adds a linear code: K principal components of the pixel
-patches.
+patches; --per-pattern adds one set per lavfi pattern.
 """
 from __future__ import annotations
 
@@ -217,6 +217,8 @@ def main(argv=None):
     p.add_argument("--peer-steps", type=int, help="peer training steps (default: train.steps)")
     p.add_argument("--peer-dir", type=Path, default=REPO / "runs/peers", help="trained peers are kept here")
     p.add_argument("--lpips", default="auto", choices=("auto", "pretrained", "random", "off"))
+    p.add_argument("--per-pattern", action="store_true", help="also one set per lavfi pattern "
+                   "(lavfi: testsrc2, ...)")
     p.add_argument("--pca", type=int, default=0, metavar="K", help="also a linear code: the K principal "
                    "components of the training clips' pixel patches at the spatial factor (0: none)")
     args = parse_args(p, argv)
@@ -231,6 +233,10 @@ def main(argv=None):
             "other source": clip_set(args.natural, args.natural / "val.csv", d.frames, d.height, d.width,
                                      d.fps, source="grace_hopper"),
             "lavfi": clip_set(args.lavfi, args.lavfi / "lavfi.csv", d.frames, d.height, d.width, d.fps)}
+    if args.per_pattern:
+        from cascade.data.natural import LAVFI
+        sets.update({f"lavfi: {src}": clip_set(args.lavfi, args.lavfi / "lavfi.csv", d.frames, d.height,
+                                               d.width, d.fps, source=src) for src in LAVFI})
     lp, lp_name = load_lpips(args.lpips)
     models = {name: ours(folder) for name, folder in (v.split("=", 1) for v in args.vae)}
     f = cfg.vae.spatial_factor()
@@ -263,7 +269,7 @@ def main(argv=None):
     for name, fn in models.items():
         for set_name, clips in sets.items():
             rows.append({"model": name, "set": set_name, "clips": len(clips), **score(fn, clips, lp)})
-        print(f"  {name}: " + ", ".join(f"{r['set']} {r['psnr']:.2f} dB" for r in rows[-3:]), flush=True)
+        print(f"  {name}: " + ", ".join(f"{r['set']} {r['psnr']:.2f} dB" for r in rows[-len(sets):]), flush=True)
     text = [f"clips of {d.frames} frames at {d.height}x{d.width} ({args.config.name}); LPIPS: {lp_name}.",
             *(f"{k}: {v}" for k, v in notes.items() if v)]
 
