@@ -2,9 +2,10 @@
 ship, and clips of ffmpeg's own test-pattern generators, for proving the video autoencoder on
 content no one here drew (`cascade data natural`, `cascade data lavfi`).
 
-Photographs: scikit-image's bundled data images (its photographs, and six graphic images: text, a
-scanned page, a checkerboard, a colour wheel, its logo and a silhouette) (the optional extra `pip install -e
-'.[natural]'`) and matplotlib's sample photo. TRAIN_PHOTOS make the training clips; HELDOUT_PHOTOS
+Photographs: scikit-image's bundled data images (the optional extra `pip install -e '.[natural]'`)
+and matplotlib's sample photo. TRAIN_PHOTOS are 13 of the photographs (PHOTOGRAPHS) and six graphic
+images (GRAPHICS: printed text, a scanned page, a checkerboard, a colour wheel, the logo, a
+silhouette), and make the training clips; HELDOUT_PHOTOS
 (two of scikit-image's, and matplotlib's Grace Hopper: a source the training never saw) make the
 validation clips only, and `natural_clips` refuses to put one in the training set.
 
