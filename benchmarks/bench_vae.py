@@ -158,7 +158,6 @@ def train_peer(kind: str, model, cfg, steps: int, out: Path):
 
     from cascade.data import build_dataset, collate
     from cascade.data.buckets import BucketSampler
-    from cascade.losses import L2_WEIGHT
     from cascade.train import EMA, StepSampler, lr_lambda
     torch.manual_seed(cfg.train.seed)
     data = build_dataset(cfg.data)
@@ -177,7 +176,7 @@ def train_peer(kind: str, model, cfg, steps: int, out: Path):
         y, post = peer_forward(kind, model, x, sample=True)
         err = y - x
         kl = post.kl().flatten(1).sum(1).mean() if post.kl().dim() > 1 else post.kl().mean()
-        loss = err.abs().mean() + L2_WEIGHT * err.square().mean() + cfg.vae.kl_weight * kl / x[0].numel()
+        loss = err.abs().mean() + cfg.vae.l2_weight * err.square().mean() + cfg.vae.kl_weight * kl / x[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

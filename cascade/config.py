@@ -59,6 +59,7 @@ class VAEConfig:
     latent_channels: int = 4
     groups: int = 8                                # GroupNorm groups
     kl_weight: float = 1.0e-6
+    l2_weight: float = 1.0                         # loss: L1 + l2_weight L2 (PSNR is L2)
     lpips_weight: float = 0.1
     lpips_pretrained: bool = True                  # False: random backbone (tests, offline machines)
     decoder_only: bool = False                     # Video LDM temporal fine-tuning: encoder frozen

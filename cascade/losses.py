@@ -2,7 +2,7 @@
 
 LDM (Rombach et al. 2022, App. G; taming-transformers' LPIPSWithDiscriminator without the GAN),
 plus an L2 reconstruction term (VQ-VAE's, van den Oord et al. 2017: a Gaussian decoder's -log p(x|z)):
-    L = |x - D(z)|_1 + L2_WEIGHT |x - D(z)|^2 + lpips_weight LPIPS(x, D(z)) + kl_weight KL(q(z|x) || N(0, I)).
+    L = |x - D(z)|_1 + l2_weight |x - D(z)|^2 + lpips_weight LPIPS(x, D(z)) + kl_weight KL(q(z|x) || N(0, I)).
 Why L2 too: with L1 alone the tiny VAE learned the flat-colour synthetic clips far more slowly
 (measured on 32x32 images after 600 steps: 19.9 dB with L1, 25.6 dB with L1 + L2): L1's gradient has
 the same size on the many almost-right background pixels as on the wrong edge pixels, L2 weights
@@ -23,7 +23,6 @@ import torch.nn as nn
 
 from cascade.config import VAEConfig
 
-L2_WEIGHT = 1.0           # a candidate for a VAEConfig field (vae.l2_weight)
 LPIPS_NET = "vgg"          # LDM's choice; 'alex' is cheaper
 LPIPS_FRAMES = 4           # frames per clip that LPIPS sees
 _TORCHVISION_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
@@ -73,7 +72,7 @@ class VAELoss(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.l2_weight, self.kl_weight, self.lpips_weight = L2_WEIGHT, cfg.kl_weight, cfg.lpips_weight
+        self.l2_weight, self.kl_weight, self.lpips_weight = cfg.l2_weight, cfg.kl_weight, cfg.lpips_weight
         self.lpips = build_lpips(cfg.lpips_pretrained) if cfg.lpips_weight > 0 else None
 
     def train(self, mode: bool = True):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cascade.config import VAEConfig
-from cascade.losses import L2_WEIGHT, VAELoss, build_lpips, psnr, temporal_error
+from cascade.losses import VAELoss, build_lpips, psnr, temporal_error
 from cascade.models.vae import DiagonalGaussian
 
 
@@ -39,7 +39,10 @@ def test_loss_terms_and_weights():
     assert logs["l1"].item() == pytest.approx(0.25) and logs["l2"].item() == pytest.approx(0.0625)
     assert logs["kl"].item() == pytest.approx(0.5 * 32)                    # per-sample sum
     # LDM's weighting: KL sum against the pixel sum, i.e. divided by the pixels per sample here
-    assert loss.item() == pytest.approx(0.25 + L2_WEIGHT * 0.0625 + 0.5 * 16 / x[0].numel())
+    assert loss.item() == pytest.approx(0.25 + 1.0 * 0.0625 + 0.5 * 16 / x[0].numel())
+    cfg.l2_weight = 10.0                                                   # vae.l2_weight
+    loss, _ = VAELoss(cfg)(x, x + 0.25, post)
+    assert loss.item() == pytest.approx(0.25 + 10.0 * 0.0625 + 0.5 * 16 / x[0].numel())
 
 
 def test_random_lpips_needs_no_network(monkeypatch):
