@@ -253,6 +253,8 @@ def main(argv=None):
     params = n_params(VideoVAE(cfg.vae))
     import hashlib                                      # a peer is reused only on the data it was trained on
     data_tag = hashlib.sha256(Path(d.manifest).read_bytes()).hexdigest()[:8] if peers else ""
+    if cfg.vae.l2_weight != 1.0:                        # ... and with the loss it was trained with
+        data_tag += f"_l2x{cfg.vae.l2_weight:g}"
     for kind in peers:
         model, note = build_peer(kind, cfg.vae, params)
         path = args.peer_dir / f"{args.config.stem}_{kind}_{n_params(model)}_{steps}_{data_tag}.pt"

@@ -161,7 +161,7 @@ def test_cli_names_the_changed_file_in_one_line(export_copy, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and f"{named}: checksum does not match" in err, err
 
 
-@pytest.mark.parametrize("stage", ["vae", "base", "base/guide", "interp", "sr"])
+@pytest.mark.parametrize("stage", ["vae", "base", "base/guide", "interp", "sr", "../tiny-natural/vae"])
 def test_shipped_weights_match_their_checksums(stage):
     folder = REPO / "weights" / "tiny" / stage
     assert verify_checksums(folder) is True

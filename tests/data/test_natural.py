@@ -4,6 +4,7 @@ one-line errors for what is missing."""
 import csv
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,21 @@ def test_every_photograph_loads_as_rgb_in_unit_range():
     horse, logo = photo("horse"), photo("logo")
     assert set(horse.unique().tolist()) == {0.0, 1.0}          # bool -> black and white, not 0 and 1/255
     assert logo[:, 0, 0].tolist() == [1.0, 1.0, 1.0]           # transparent corner -> white
+
+
+@needs_skimage
+def test_shipped_natural_vae_beats_bilinear_on_held_out_photographs():
+    """weights/tiny-natural/vae (issue 27): bench_vae measured 30.92 dB against bilinear's 24.02 on
+    the 24 held-out clips (+6.9); on these 6 camera moves over the held-out photographs it was
+    6.1 dB ahead. Bound: +3 dB, the issue's target."""
+    import numpy as np
+
+    from benchmarks.bench_vae import bilinear, ours
+    from cascade.losses import psnr
+    clips = torch.stack([camera_clip(photo(n), 8, 32, 32, np.random.default_rng((0, 1, i, k)))[0]
+                         for i, n in enumerate(HELDOUT_PHOTOS) for k in range(2)])     # (6, 3, 8, 32, 32)
+    with torch.no_grad():
+        folder = Path(__file__).resolve().parents[2] / "weights" / "tiny-natural" / "vae"
+        vae = psnr(ours(folder)(clips), clips).mean().item()
+        lin = psnr(bilinear(4)(clips), clips).mean().item()
+    assert vae >= lin + 3.0, (vae, lin)
