@@ -489,22 +489,22 @@ def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = 
     bar.set_postfix_str("sampling")
     variants = generate_variants(pipe, prompts, seed, {**sampling, "height": size[0], "width": size[1]},
                                  batch_size, bar, videos_per_prompt)
-    prompts = [p for p in prompts for _ in range(videos_per_prompt)]         # one per video
+    per_video = [p for p in prompts for _ in range(videos_per_prompt)]       # a prompt per video
     bar.set_postfix_str("scoring")
     rows, videos = [], {}
     for name, (v, ts) in variants.items():
-        truths = truth_clips(prompts, *v.shape[2:], ts, seed)                    # (N, 3, T, H, W)
-        row, videos[name] = score_videos(name, v, prompts, ts, lp, seed, truths)
+        truths = truth_clips(per_video, *v.shape[2:], ts, seed)                    # (N, 3, T, H, W)
+        row, videos[name] = score_videos(name, v, per_video, ts, lp, seed, truths)
         row["stages"] = _stage_chain(name, has_i, has_s)
         rows.append(row)
         if name == "full":
             full_truths, full_ts = truths, ts
-    row, videos["ground truth"] = score_videos("ground truth", full_truths, prompts, full_ts, lp, seed,
+    row, videos["ground truth"] = score_videos("ground truth", full_truths, per_video, full_ts, lp, seed,
                                                full_truths)
     row["stages"] = "rendered (analyser check)"
     rows.append(row)
     row, videos["autoencoded truth"] = score_videos(
-        "autoencoded truth", autoencoded_truths(pipe, prompts, full_truths, seed, sampling), prompts,
+        "autoencoded truth", autoencoded_truths(pipe, per_video, full_truths, seed, sampling), per_video,
         full_ts, lp, seed, full_truths)
     row["stages"] = "rendered > vae" + (" > sr" if has_s else "") + " (the ceiling)"
     rows.append(row)
@@ -517,8 +517,8 @@ def evaluate(folder, prompts: list[str], seed: int = 0, sampling: dict | None = 
     else:
         skipped.append("stage quality: --heldout 0")
     bar.close()
-    info = {"stages_folder": str(folder), "seed": seed, "num_prompts": len(prompts) // videos_per_prompt,
-            "videos_per_prompt": videos_per_prompt, "prompts": prompts,
+    info = {"stages_folder": str(folder), "seed": seed, "num_prompts": len(prompts),
+            "videos_per_prompt": videos_per_prompt, "prompts": per_video,
             "size": list(size),
             "batch_size": batch_size, "heldout_clips": heldout, "lpips": lp_name, "device": str(device),
             "sampling": {st.name: vars(resolve_sampling(sampling[st.name], config=st.cfg.diffusion))
