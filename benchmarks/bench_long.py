@@ -1,9 +1,10 @@
 """Benchmark: long videos, seconds per output frame and peak memory as the frame count grows.
 
-    python -m benchmarks.bench_long [--smoke] [--frames 29,57,113,225] [--stages DIR]
+    python -m benchmarks.bench_long [--smoke] [--frames 29,57,113,225] [--stages DIR] [--long plan|chain]
 
 A long video (cascade sample --frames N beyond the base's clip) is made window by window: base
-keyframes in windows of dit.frames with cond.k_max keyframes of context (BaseStage.sample_windows),
+keyframes in windows of dit.frames with cond.k_max keyframes of context (BaseStage.sample_windows;
+--long: planned first or chained, `window_schedule`, default the base config's diffusion.long),
 interp in groups of K keyframes, the VAE decode in windows of 16 latent frames with 16 of context,
 SR in windows of sr.window frames; so time should grow linearly with the frames (seconds per
 output frame flat, within 1.3x across the counts) and peak memory should stay flat. Stages: the
@@ -22,6 +23,7 @@ import torch
 from benchmarks.bench_sample import PROMPT, sampling_settings
 from benchmarks.cases import REPO, STAGE_SIZES, export_random
 from benchmarks.common import bench_args, grouped_bar_plot, parse_args, report
+from cascade.registry import LONG_MODES
 
 
 def stages_folder(root: Path, size: str) -> Path:
@@ -38,9 +40,11 @@ def main(argv=None):
     p.add_argument("--frames", default="29,57,113,225", help="comma-separated output frame counts")
     p.add_argument("--stages", type=Path, default=None, help="trained stages to time instead")
     p.add_argument("--cascade", type=Path, default=REPO / "configs" / "cascade" / "tiny_full.yaml")
+    p.add_argument("--long", choices=LONG_MODES, default=None, help="how the keyframes are made")
     args = parse_args(p, argv)
     from cascade.pipeline import Pipeline, StageSampling
     settings = sampling_settings(args.cascade)
+    settings["base"].long = args.long
     counts = [int(n) for n in args.frames.split(",")]
     if args.smoke:
         settings = {k: StageSampling(1, v.guidance, v.sampler) for k, v in settings.items()}
@@ -63,7 +67,8 @@ def main(argv=None):
                          "peak MiB": max(res.memory.values()) / 2**20})
             print(f"  {n} frames: {sec:.2f} s, {rows[-1]['s/frame']:.3f} s/frame", flush=True)
     per_frame = [r["s/frame"] for r in rows]
-    notes = [f"fp32, one video per count; sampling from {args.cascade.name}; "
+    notes = [f"fp32, one video per count; sampling from {args.cascade.name}, long videos: "
+             f"{args.long or 'as the base config says'}; "
              + ("trained stages." if args.stages else "randomly initialised stages (same cost).")
              + " peak MiB: the largest memory a stage added "
              + ("(max_memory_allocated)." if device.type == "cuda" else "(peak RSS increase)."),

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cascade.registry import EDIT_INJECT, SAMPLER_NAMES
+from cascade.registry import EDIT_INJECT, LONG_MODES, SAMPLER_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASCADE = REPO / "configs" / "cascade" / "tiny_full.yaml"
@@ -294,6 +294,8 @@ def resolve_sampling(args, cc: CascadeConfig) -> dict:
            for name, default in defaults.items()}
     if getattr(args, "autoguidance", None) is not None:
         out["base"].autoguidance = args.autoguidance
+    if getattr(args, "long", None) is not None:
+        out["base"].long = args.long
     return out
 
 
@@ -310,6 +312,10 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoguidance", type=float, help="the base's autoguidance weight: its guide "
                    "model (base/guide) steers away from its errors; 1 = off (default: the base "
                    "config's diffusion.autoguidance)")
+    p.add_argument("--long", choices=LONG_MODES, help="a video longer than the base's window: plan "
+                   "(its keyframes spread over the whole video first, then filled between) or chain "
+                   "(window after window, each continuing the last) (default: the base config's "
+                   "diffusion.long)")
 
 
 MAX_SIZE = 16384        # pixels of `cascade sample --height / --width`

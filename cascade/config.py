@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cascade.registry import DIT_SIZES, SAMPLER_NAMES, STAGES
+from cascade.registry import DIT_SIZES, LONG_MODES, SAMPLER_NAMES, STAGES
 
 
 class ConfigError(ValueError):
@@ -198,6 +198,10 @@ class DiffusionConfig:
     # autoguidance (Karras et al. 2024): + (this - 1) x (conditional - the guide's conditional), the
     # guide a smaller or less-trained export of the same stage in the export's guide/ (1: off)
     autoguidance: float = 1.0
+    # keyframes beyond one window (a long video, the base stage): plan (a first window spans the
+    # whole video, windows then fill between its keyframes; NUWA-XL's coarse to fine) | chain
+    # (window after window, each continuing the last: Video LDM's prediction) (cascade/stages/base.py)
+    long: str = "plan"
 
 
 @dataclass
@@ -272,6 +276,7 @@ CHOICES = {
     "diffusion.schedule": ("cosine", "shifted_cosine"),
     "diffusion.prediction": ("v", "eps", "x0"),
     "diffusion.sampler": SAMPLER_NAMES,
+    "diffusion.long": LONG_MODES,
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.schedule": ("constant", "cosine"),
     "sr.downsample": ("area", "bilinear"),

@@ -108,11 +108,13 @@ def count_objects(mask: torch.Tensor, min_area: float) -> torch.Tensor:
     return torch.tensor(counts)
 
 
-def analyse(video: torch.Tensor, time_scale: float = 1.0) -> dict:
+def analyse(video: torch.Tensor, time_scale: float = 1.0, still: float | None = None) -> dict:
     """Read one synthetic-domain video: video (3, T, H, W) in [-1, 1] -> dict with the named
     factors colour, shape, motion, background (None where no object was found) and the numbers
     behind them. Any T, H, W. time_scale: frames of this video per frame at the data frame rate
     (4 after one interp pass at rate 4), so motion is judged per unit of time, not per frame.
+    still: the standing-still threshold (fraction of the side) instead of `still_threshold`'s for
+    a clip of this length (a part of a longer video moves only its share of the video's travel).
     (The numbered steps below are one analysis; kept in one function, ~65 lines, to read in order.)
 
     1. background: the per-channel median of the border pixels of every frame (the object covers
@@ -175,7 +177,7 @@ def analyse(video: torch.Tensor, time_scale: float = 1.0) -> dict:
     else:
         vx = vy = 0.0
     dx, dy = vx * (frames - 1) / W, vy * (frames - 1) / H                            # fractions of the side
-    thresh = still_threshold(frames, min(H, W))
+    thresh = still_threshold(frames, min(H, W)) if still is None else still
     if max(abs(dx), abs(dy)) < thresh:
         motion = "standing still"
     elif abs(dx) >= abs(dy):

@@ -16,6 +16,7 @@ DIT_SIZES = {                                      # dit.size: fills hidden / de
 
 # cascade.diffusion.SAMPLERS implements each ("euler": DDIM, which is Euler's method for the flow)
 SAMPLER_NAMES = ("ddim", "dpmpp_2m", "euler_ancestral", "euler", "heun")
+LONG_MODES = ("plan", "chain")    # how a long video's keyframes are made (cascade/stages/base.py)
 
 # cascade edit --inject: the share of an inverted edit's sampling steps given the source's
 # attention maps (cascade/injection.py; measured in docs/editing.md)

@@ -38,6 +38,7 @@ class StageSampling:
     guidance_interval: tuple | None = None      # (lo, hi): guided only at t in [lo, hi]
     image_guidance: float | None = None         # frame prompts: the image scale of three-way guidance
     autoguidance: float | None = None           # the weight of the guide model (1: off; Karras et al. 2024)
+    long: str | None = None                     # the base's keyframes beyond one window: plan | chain
 
     @classmethod
     def of(cls, value) -> "StageSampling":
@@ -51,17 +52,19 @@ class StageSampling:
             if unknown:
                 raise ValueError(f"stage sampling: unknown key(s) {sorted(unknown)} "
                                  f"(use steps, guidance, sampler, guidance_interval, image_guidance, "
-                                 f"autoguidance)")
+                                 f"autoguidance, long)")
             return cls(**value)
         raise TypeError(f"stage sampling must be None, a dict or a StageSampling, got {type(value)}")
 
     def check(self, where: str = "") -> "StageSampling":
         """Itself, once its set fields are in range (one-line ValueError naming where + field)."""
-        from cascade.registry import SAMPLER_NAMES as SAMPLERS
+        from cascade.registry import LONG_MODES, SAMPLER_NAMES as SAMPLERS
         check_number(f"{where}steps", self.steps, 1, MAX_STEPS, integer=True)
         check_number(f"{where}guidance", self.guidance, 0, MAX_GUIDANCE)
         check_number(f"{where}image_guidance", self.image_guidance, 0, MAX_GUIDANCE)
         check_number(f"{where}autoguidance", self.autoguidance, 0, MAX_GUIDANCE)
+        if self.long is not None and self.long not in LONG_MODES:
+            raise ValueError(f"{where}long: {self.long!r} is not one of {', '.join(LONG_MODES)}")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"{where}sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.guidance_interval is not None:
@@ -83,13 +86,14 @@ class StageSampling:
 def resolve_sampling(*levels, config=None) -> StageSampling:
     """The sampling of one stage: each field from the first of `levels` (StageSampling, dict or
     None; most specific first) that sets it, then from `config` (a DiffusionConfig: steps,
-    guidance, sampler, guidance_interval, autoguidance) when given; without a config what no level sets stays
+    guidance, sampler, guidance_interval, autoguidance, long) when given; without a config what no level sets stays
     None (the CLI resolves the cascade YAML's level before the stages are loaded)."""
     out = StageSampling()
     for level in reversed(levels):
         out = StageSampling.of(level).over(out)
     if config is not None:
         base = StageSampling(config.steps, config.guidance, config.sampler,
-                             config.guidance_interval, autoguidance=config.autoguidance)
+                             config.guidance_interval, autoguidance=config.autoguidance,
+                             long=config.long)
         out = out.over(base)
     return out

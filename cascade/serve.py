@@ -60,7 +60,7 @@ class Studio:
                  height: int | None = None, width: int | None = None, base_steps=None,
                  base_guidance=None, base_sampler=None, interp_steps=None, sr_steps=None,
                  base_autoguidance=None, extend_prompt: bool = False, adapters: str = "",
-                 stage_outputs: bool = False,
+                 stage_outputs: bool = False, base_long: str | None = None,
                  progress: bool = True) -> dict:
         """One job -> {"video": mp4 path, "sheet": PNG path, "table": markdown, "stages": [mp4
         paths], "prompt": the prompt used}. User mistakes raise one-line ValueErrors."""
@@ -100,7 +100,7 @@ class Studio:
             cond.keep_input = bool(keep_input)              # the given frames unchanged, not rendered
         num = lambda v: None if v in (None, "", 0) else v                  # noqa: E731  (0: default)
         base = StageSampling(num(base_steps), base_guidance, base_sampler or None,
-                             autoguidance=base_autoguidance).over(
+                             autoguidance=base_autoguidance, long=base_long or None).over(
             StageSampling.of(self.sampling.get("base")))
         if inversion == "ddim" and task == "Edit":
             base.sampler = "ddim"
@@ -129,7 +129,7 @@ class Studio:
 def build_app(studio: Studio):
     """The page: one tab per task, shared settings, the outputs."""
     import gradio as gr
-    from cascade.registry import SAMPLER_NAMES
+    from cascade.registry import LONG_MODES, SAMPLER_NAMES
     from cascade.sampling import StageSampling
     pipe = studio.pipe
     f = pipe.vae.spatial_factor * (pipe.sr.cfg.sr.scale if pipe.sr is not None else 1)
@@ -177,6 +177,8 @@ def build_app(studio: Studio):
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 frames = gr.Number(value=0, precision=0, label="Frames (0: one clip; more: a long video)")
+                base_long = gr.Dropdown(["", *LONG_MODES], value="", label="Long videos: plan the "
+                                        "whole video first, or chain windows (default: the base's)")
                 height = gr.Number(value=h0, precision=0, label="Height")
                 width = gr.Number(value=w0, precision=0, label="Width")
             with gr.Row():
@@ -202,7 +204,8 @@ def build_app(studio: Studio):
             table = gr.Markdown(elem_id="table")
             files = gr.File(label="Download (video, and each stage's)", file_count="multiple")
         shared = [seed, frames, height, width, base_steps, base_guidance, base_sampler, interp_steps,
-                  sr_steps, extend_prompt, adapters, stage_outputs, base_autoguidance]  # new ones last
+                  sr_steps, extend_prompt, adapters, stage_outputs, base_autoguidance,
+                  base_long]                                                 # new ones last
 
         for task, (inputs, button) in tabs.items():
             names = list(inputs)
@@ -211,7 +214,7 @@ def build_app(studio: Studio):
                 own, rest = values[:len(_names)], values[len(_names):]
                 keys = ("seed", "frames", "height", "width", "base_steps", "base_guidance",
                         "base_sampler", "interp_steps", "sr_steps", "extend_prompt", "adapters",
-                        "stage_outputs", "base_autoguidance")
+                        "stage_outputs", "base_autoguidance", "base_long")
                 kw = dict(zip(_names, own)) | dict(zip(keys, rest))
                 try:
                     out = studio.generate(_task, prompt_text, **kw)

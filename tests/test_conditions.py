@@ -256,16 +256,50 @@ def test_long_video_windows_join_without_a_seam():
     stage.frame_prompts = True
     from cascade.seeding import RowGenerators
     text = {"x": torch.zeros(1, 1)}
-    out = stage.sample((1, 4, 11, 2, 2), text, text, {"steps": 3, "sampler": "ddim", "guidance": 1.0},
-                       RowGenerators([0]), False)
+    chain = {"steps": 3, "sampler": "ddim", "guidance": 1.0, "long": "chain"}
+    out = stage.sample((1, 4, 11, 2, 2), text, text, chain, RowGenerators([0]), False)
     line = delta * torch.arange(11.0).view(1, 11, 1, 1)                # (4, 11, 1, 1)
     torch.testing.assert_close(out[0], line.expand(4, 11, 2, 2), atol=1e-4, rtol=1e-5)
-    back = stage.sample((1, 4, 11, 2, 2), text, text, {"steps": 3, "sampler": "ddim", "guidance": 1.0},
-                        RowGenerators([0]), False,
+    # plan: the first window's 4 keyframes spread over 10 (0, 3, 6, 9) make the line at a third
+    # of the slope, and every window after it fills between two of them on that line
+    plan = stage.sample((1, 4, 10, 2, 2), text, text, {**chain, "long": "plan"}, RowGenerators([0]), False)
+    third = delta / 3 * torch.arange(10.0).view(1, 10, 1, 1)
+    torch.testing.assert_close(plan[0], third.expand(4, 10, 2, 2), atol=1e-4, rtol=1e-5)
+    back = stage.sample((1, 4, 11, 2, 2), text, text, chain, RowGenerators([0]), False,
                         given=(torch.zeros(1, 4, 11, 2, 2).index_copy(2, torch.tensor([9, 10]),
                                                                       line[None, :, 9:11].expand(1, 4, 2, 2, 2)),
                                torch.tensor([[0.0] * 9 + [1.0, 1.0]])), backward=True)
     torch.testing.assert_close(back[0, :, :], line.expand(4, 11, 2, 2), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Kb", [9, 11, 15, 29, 57, 225])
+@pytest.mark.parametrize("plan", [False, True])
+def test_window_schedule_makes_every_keyframe_once_from_known_context(Kb, plan):
+    """Windows of 8 with 4 of context: each keyframe is made once, by a window of 8 distinct
+    keyframes that holds it; every window after the first is given a keyframe made before it; the
+    chain's windows start at 0, 4, 8, ... as Video LDM's; the plan's first window spans the video,
+    and its fill windows make only keyframes before a known one they hold, where one is in reach.
+    The number of windows grows linearly with the keyframes (at most 0.3 a keyframe)."""
+    from cascade.stages.base import window_joins, window_schedule
+    sched = window_schedule([False] * Kb, 8, 4, False, plan)
+    known, made_all = [False] * Kb, []
+    for n, (win, made) in enumerate(sched):
+        assert len(set(win)) == 8 and all(0 <= k < Kb for k in win) and set(made) <= set(win)
+        assert not any(known[k] for k in made)
+        if n:
+            assert any(known[k] for k in win)
+        for k in made:
+            known[k] = True
+        made_all += made
+    assert sorted(made_all) == list(range(Kb))
+    assert len(sched) <= max(1, 0.3 * Kb)
+    if not plan:
+        assert [w[0] for w, _ in sched] == list(range(0, Kb - 8, 4))[:len(sched) - 1] + [sched[-1][0][0]]
+        assert window_joins(Kb, 8, 4, False) == list(range(8, Kb, 4))
+    else:
+        assert sched[0][0][0] == 0 and sched[0][0][-1] == Kb - 1
+        if Kb == 29:                                                     # stride 4: 3 made between two
+            assert [m for _, m in sched[1:]] == [[4 * i + 1, 4 * i + 2, 4 * i + 3] for i in range(7)]
 
 
 # ----------------------------------------------------------------------------- cascade eval --task
@@ -282,6 +316,14 @@ def test_task_measures_on_known_clips():
     assert seam_ratio(cut, [14]) > 3
     assert drift(v) == 0.0
     assert loop_seam(v) > 3                                              # the object jumps back
+    # a long clip's parts move their share of its (clamped) travel: the scaled threshold reads
+    # each part's motion as the prompt's, where the part's own threshold read "standing still"
+    from cascade.evaluate import analyse
+    from cascade.evaluate_tasks import part_still
+    long = truth("a red triangle moving left on a blue background", 113, 32, 32, 4.0, 0, 4)
+    first = slice(0, 32)
+    assert analyse(long[:, first], 4.0)["motion"] == "standing still"
+    assert analyse(long[:, first], 4.0, part_still(long, first, 4.0))["motion"] == "moving left"
     for what, key in (("colour", "colour"), ("shape", "shape"), ("background", "background"),
                       ("direction", "motion")):
         new = parse_caption(edited_prompt(PROMPT, what, np.random.default_rng(0)))
@@ -302,6 +344,22 @@ def test_eval_task_runs_every_task(cascade_dir, task, tmp_path, capsys):
     assert (out / "task.json").is_file() and "| run |" in said.out
     if task not in ("edit", "invert"):
         assert (out / "samples.png").is_file()
+
+
+def test_cli_long_videos_plan_or_chain(cascade_dir, tmp_path, capsys):
+    """`--long plan|chain` picks how a long video's keyframes are made, from `cascade sample` and
+    `cascade eval --task long`; another word is refused by the parser before anything loads."""
+    from cascade.cli import main
+    for mode in ("plan", "chain"):
+        assert main(["sample", PROMPT, "--stages", str(cascade_dir), "--frames", "25", "--steps", "1",
+                     "--long", mode, "--out", str(tmp_path / mode), "--no-progress"]) == 0
+    assert main(["eval", "--stages", str(cascade_dir), "--task", "long", "--frames", "25", "--steps", "1",
+                 "--long", "chain", "--num-prompts", "1", "--out", str(tmp_path / "eval"),
+                 "--no-progress"]) == 0
+    assert "| long |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["sample", PROMPT, "--stages", str(cascade_dir), "--frames", "25", "--long", "both"])
+    assert "invalid choice: 'both'" in capsys.readouterr().err
 
 
 def test_cli_frame_prompts_and_their_one_line_errors(cascade_dir, stages, tmp_path, capsys):  # noqa: F811

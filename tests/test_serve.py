@@ -218,3 +218,15 @@ if __name__ == "__main__":                 # python -m tests.test_serve SHOT.png
     d.quit()
     app.close()
     print(f"wrote {_sys.argv[1]}")
+
+
+def test_long_videos_plan_or_chain_from_the_settings(studio):
+    """The long-video setting reaches the base: plan and chain make the same length of video by
+    other windows (so other keyframes); a mode that does not exist is a one-line error."""
+    plan, chain = (studio.generate("Text to video", PROMPT, frames=25, base_long=m) for m in ("plan", "chain"))
+    assert plan["frames"] == chain["frames"] == 25
+    from cascade.video_io import read_video
+    read = lambda out: read_video(out["video"])[0]                      # noqa: E731
+    assert (read(plan).astype(float) - read(chain).astype(float)).std() > 1
+    with pytest.raises(ValueError, match="long: 'both' is not one of plan, chain"):
+        studio.generate("Text to video", PROMPT, frames=25, base_long="both")

@@ -175,14 +175,14 @@ class BaseStage(DiffusionStage):
     def sample_windows(self, shape: tuple, cond: dict, uncond: dict, sampling, generator,
                        progress: bool, given: tuple | None = None, start: tuple | None = None,
                        backward: bool = False) -> torch.Tensor:
-        """Keyframes beyond the base's dit.frames (W), window by window (Video LDM's long videos:
-        a keyframe model that is also a prediction model). Each window of W keyframes holds up to
-        cond.k_max (C) keyframes already made or given, before its first unknown one (backward:
-        after its last), as its frame prompt; they stay in latent space (no decode and re-encode)
-        and are kept exactly. Windows are sampled one after the other, each drawing its noise
-        from the videos' streams, so the cost grows linearly with the keyframes. The given mask
-        must be the same for every video (a call's conditions are). Windows after the first sample
-        without autoguidance: with it their joins jumped (long videos, seed 0: seam 1.92 against
+        """Keyframes beyond the base's dit.frames (W), window by window (`window_schedule`): each
+        window of W keyframes holds up to cond.k_max keyframes already made or given as its frame
+        prompt; they stay in latent space (no decode and re-encode) and are kept exactly. A text-
+        only long video with the sampling's `long` = plan first makes W keyframes spread over the
+        whole video. Windows are sampled one after the other, each drawing its noise from the
+        videos' streams, so the cost grows linearly with the keyframes. The given mask must be the
+        same for every video (a call's conditions are). Windows after the first sample without
+        autoguidance: with it their joins jumped (long videos, chain, seed 0: seam 1.92 against
         1.28 with the guide in the first window only, 1.35 with none). -> (B, Cz, Kb, h, w)."""
         if not self.frame_prompts:
             raise ValueError(f"frames: {shape[2]} keyframes are more than this base's "
@@ -193,23 +193,16 @@ class BaseStage(DiffusionStage):
         dev = next(self.net.parameters()).device
         latents = torch.zeros(shape, device=dev) if given is None else given[0].to(dev).clone().float()
         known = torch.zeros(Kb, dtype=torch.bool) if given is None else given[1][0].bool().clone()
-        first = True
-        while not known.all():
-            unknown = (~known).nonzero().flatten()
-            if backward:
-                end = min(Kb, int(unknown[-1]) + 1 + C)
-                a = max(0, end - W)
-            else:
-                a = min(max(0, int(unknown[0]) - C), Kb - W)
-            win = slice(a, a + W)
+        plan = resolve_sampling(sampling, config=self.cfg.diffusion).long == "plan" and start is None
+        for n, (win, made) in enumerate(window_schedule(known.tolist(), W, C, backward, plan)):
             mask = known[win].float().expand(B, W)
             g = (latents[:, :, win], mask) if known[win].any() else None
             st = (start[0][:, :, win], start[1]) if start is not None else None
-            s = sampling if first else replace(StageSampling.of(sampling), autoguidance=1.0)
-            first = False
-            latents[:, :, win] = self.sample((B, Cz, W, h, w), cond, uncond, s, generator,
-                                             progress, g, st).float()
-            known[win] = True
+            s = sampling if n == 0 else replace(StageSampling.of(sampling), autoguidance=1.0)
+            out = self.sample((B, Cz, W, h, w), cond, uncond, s, generator, progress, g, st).float()
+            keep = [win.index(k) for k in made]
+            latents[:, :, made] = out[:, :, keep]
+            known[made] = True
         return latents
 
     def frame_inputs(self, given, like: torch.Tensor, generator) -> tuple[dict, dict]:
@@ -226,3 +219,64 @@ class BaseStage(DiffusionStage):
         aug, aug_t = self.diffusion.noise_augment(latents, level, generator)
         mask = mask[:, None, :, None, None]
         return {"frames": aug * mask, "frame_mask": mask, "aug_t": aug_t}, null
+
+
+def window_schedule(known: list[bool], W: int, C: int, backward: bool = False,
+                    plan: bool = False) -> list[tuple[list[int], list[int]]]:
+    """The windows that make a video's unknown keyframes with a base of W keyframes, in sampling
+    order: [(the window's W keyframe indices, the unknown ones it makes)]. Each window takes up to
+    C keyframes before its first unknown one as context (backward: after its last), Video LDM's
+    prediction model; a forward window keeps only the unknown keyframes before the last known one
+    it holds (those after it are made again by the next window, with that keyframe in its context).
+
+    plan (a text-only long video: nothing known): a first window spreads its W keyframes over the
+    whole video (round(j (Kb - 1) / (W - 1))), and the windows after fill between them, reaching
+    forward to the next planned keyframe where it is within W; a gap wider than a window is first
+    planned the same way between its two ends. This is NUWA-XL's coarse-to-fine ("Diffusion over
+    Diffusion", Yin et al. 2023): the video's course is laid down once, so an object's motion is
+    spread over the whole video as in the data's long clips (`synthetic.place` keeps the whole
+    path in frame) instead of running out of the frame after two windows."""
+    known = list(known)
+    Kb, out = len(known), []
+    if plan and not any(known) and Kb > W:
+        idx = [round(j * (Kb - 1) / (W - 1)) for j in range(W)]
+        out.append((idx, idx))
+        for k in idx:
+            known[k] = True
+    while not all(known):
+        unknown = [k for k in range(Kb) if not known[k]]
+        if backward:
+            end = min(Kb, unknown[-1] + 1 + C)
+            win = list(range(max(0, end - W), max(0, end - W) + W))
+            out.append((win, [k for k in win if not known[k]]))
+        else:
+            u0 = unknown[0]
+            a = min(max(0, u0 - C), Kb - W)
+            nxt = next((k for k in range(u0, Kb) if known[k]), None)        # the next known keyframe
+            if plan and nxt is not None and nxt >= a + W:                   # out of this window's reach
+                if nxt - W + 1 <= u0 - 1:
+                    a = nxt - W + 1                                         # less context, up to it
+                else:                                                       # wider than a window
+                    p = u0 - 1
+                    win = [p + round(j * (nxt - p) / (W - 1)) for j in range(W)]
+                    out.append((win, win[1:-1]))
+                    for k in win:
+                        known[k] = True
+                    continue
+            win = list(range(a, a + W))
+            last = max((k for k in win if known[k] and k > u0), default=None)
+            made = [k for k in win if not known[k] and (last is None or k < last)]
+            out.append((win, made))
+        for k in out[-1][1]:
+            known[k] = True
+    return out
+
+
+def window_joins(Kb: int, W: int, C: int, plan: bool) -> list[int]:
+    """The keyframes of a text-only video of Kb keyframes made by another window than the keyframe
+    before them (`window_schedule`): where a seam could show."""
+    owner = [0] * Kb
+    for n, (_, made) in enumerate(window_schedule([False] * Kb, W, C, False, plan)):
+        for k in made:
+            owner[k] = n
+    return [k for k in range(1, Kb) if owner[k] != owner[k - 1]]
