@@ -312,10 +312,10 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoguidance", type=float, help="the base's autoguidance weight: its guide "
                    "model (base/guide) steers away from its errors; 1 = off (default: the base "
                    "config's diffusion.autoguidance)")
-    p.add_argument("--long", choices=LONG_MODES, help="a video longer than the base's window: plan "
-                   "(its keyframes spread over the whole video first, then filled between) or chain "
-                   "(window after window, each continuing the last) (default: the base config's "
-                   "diffusion.long)")
+    p.add_argument("--long", choices=LONG_MODES, help="a text-only video longer than the base's "
+                   "window: plan (its keyframes spread over the whole video first, then filled "
+                   "between) or chain (window after window, each continuing the last) (default: the "
+                   "base config's diffusion.long; --extend and --connect chain from their frames)")
 
 
 MAX_SIZE = 16384        # pixels of `cascade sample --height / --width`

@@ -313,7 +313,11 @@ class Pipeline:
 
         interp_passes: 1 (default when the interp stage is loaded) multiplies the frame rate by
         its rate r, 2 by r^2 (pass 2 interpolates the output of pass 1), 0 skips interp.
-        frames: the output's frame count; None = the base stage's trained keyframe count.
+        frames: the output's frame count; None = the base stage's trained keyframe count. More
+        keyframes than the base's window make a long video: base={"long": "plan"} (the default,
+        `diffusion.long`) lays the whole video's course down in a first window and fills between,
+        "chain" continues window after window (`stages.base.window_schedule`); frame prompts
+        (extend, connect) always chain from their given frames.
         height, width: the output's size in pixels; None = what the trained base latents give
         (`latent_size_for` says which sizes a cascade can make).
 
