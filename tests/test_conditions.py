@@ -265,6 +265,12 @@ def test_long_video_windows_join_without_a_seam():
     plan = stage.sample((1, 4, 10, 2, 2), text, text, {**chain, "long": "plan"}, RowGenerators([0]), False)
     third = delta / 3 * torch.arange(10.0).view(1, 10, 1, 1)
     torch.testing.assert_close(plan[0], third.expand(4, 10, 2, 2), atol=1e-4, rtol=1e-5)
+    # frame prompts chain whatever `long` says: the same windows, the same keyframes
+    head = (torch.zeros(1, 4, 11, 2, 2).index_copy(2, torch.tensor([0, 1]), line[None, :, :2].expand(1, 4, 2, 2, 2)),
+            torch.tensor([[1.0, 1.0] + [0.0] * 7 + [1.0, 1.0]]))         # and zeros at 9, 10 (connect)
+    assert torch.equal(stage.sample((1, 4, 11, 2, 2), text, text, {**chain, "long": "plan"}, RowGenerators([0]),
+                                    False, given=head),
+                       stage.sample((1, 4, 11, 2, 2), text, text, chain, RowGenerators([0]), False, given=head))
     back = stage.sample((1, 4, 11, 2, 2), text, text, chain, RowGenerators([0]), False,
                         given=(torch.zeros(1, 4, 11, 2, 2).index_copy(2, torch.tensor([9, 10]),
                                                                       line[None, :, 9:11].expand(1, 4, 2, 2, 2)),

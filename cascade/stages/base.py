@@ -194,7 +194,8 @@ class BaseStage(DiffusionStage):
         dev = next(self.net.parameters()).device
         latents = torch.zeros(shape, device=dev) if given is None else given[0].to(dev).clone().float()
         known = torch.zeros(Kb, dtype=torch.bool) if given is None else given[1][0].bool().clone()
-        plan = resolve_sampling(sampling, config=self.cfg.diffusion).long == "plan" and start is None
+        plan = (resolve_sampling(sampling, config=self.cfg.diffusion).long == "plan" and given is None
+                and start is None and not backward)                      # text only: frame prompts chain
         for n, (win, made) in enumerate(window_schedule(known.tolist(), W, C, backward, plan)):
             mask = known[win].float().expand(B, W)
             g = (latents[:, :, win], mask) if known[win].any() else None
