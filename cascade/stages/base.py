@@ -4,6 +4,7 @@ keyframes from noise."""
 from __future__ import annotations
 
 from dataclasses import replace
+import math
 
 import torch
 
@@ -231,45 +232,57 @@ def window_schedule(known: list[bool], W: int, C: int, backward: bool = False,
     prediction model; a forward window keeps only the unknown keyframes before the last known one
     it holds (those after it are made again by the next window, with that keyframe in its context).
 
-    plan (a text-only long video: nothing known): a first window spreads its W keyframes over the
-    whole video (round(j (Kb - 1) / (W - 1))), and the windows after fill between them, reaching
-    forward to the next planned keyframe where it is within W; a gap wider than a window is first
-    planned the same way between its two ends. This is NUWA-XL's coarse-to-fine ("Diffusion over
-    Diffusion", Yin et al. 2023): the video's course is laid down once, so an object's motion is
-    spread over the whole video as in the data's long clips (`synthetic.place` keeps the whole
-    path in frame) instead of running out of the frame after two windows."""
-    known = list(known)
-    Kb, out = len(known), []
+    plan (a text-only long video: nothing known): NUWA-XL's coarse to fine ("Diffusion over
+    Diffusion", Yin et al. 2023). A first window spreads its W keyframes over the whole video;
+    finer lattices follow, each holding the coarser one with its gaps divided evenly, the finest
+    (every keyframe) dividing them by W - C (4); each is filled by the windows above, run over
+    the lattice's keyframes as if they were consecutive: a window holds C made keyframes of
+    context, the new ones after them and the next coarser keyframe, an evenly spaced clip with its
+    past and its goal. The video's course is laid down once: an object's motion is spread over the
+    whole video, as in the data's long clips (`synthetic.place` keeps the whole path in frame),
+    instead of running out of the frame after two windows."""
+    known, Kb, out = list(known), len(known), []
     if plan and not any(known) and Kb > W:
-        idx = [round(j * (Kb - 1) / (W - 1)) for j in range(W)]
-        out.append((idx, idx))
-        for k in idx:
-            known[k] = True
-    while not all(known):
-        unknown = [k for k in range(Kb) if not known[k]]
+        f, r, factors = W - C, (Kb - 1) / (W - 1), []                    # r: the top lattice's spacing
+        while r > f:                                                      # spacings r .. f, then 1
+            r, factors = r / f, [f] + factors
+        lattice = _spread([0, Kb - 1], W - 1)
+        for k in [math.ceil(r)] + factors[1:] if factors else []:
+            out += _fill(lattice, known, W, C, False, reach=True)
+            lattice = _spread(lattice, k)
+        out += _fill(lattice, known, W, C, False, reach=True)
+    return out + _fill(list(range(Kb)), known, W, C, backward, reach=bool(plan))
+
+
+def _spread(points: list[int], k: int) -> list[int]:
+    """points (sorted keyframe indices) with each gap divided into k even parts (rounded)."""
+    out = set(points)
+    for p, q in zip(points, points[1:]):
+        out.update(p + (2 * i * (q - p) + k) // (2 * k) for i in range(1, k))
+    return sorted(out)
+
+
+def _fill(lattice: list[int], known: list[bool], W: int, C: int, backward: bool,
+          reach: bool) -> list[tuple[list[int], list[int]]]:
+    """`window_schedule`'s windows over the keyframes `lattice` (taken as consecutive), marking
+    what they make in `known`; nothing known: one window of its first W. reach: a window that
+    would stop short of the next known keyframe moves up to it, keeping less context."""
+    out, L = [], len(lattice)
+    while not all(known[k] for k in lattice):
+        unknown = [i for i in range(L) if not known[lattice[i]]]
         if backward:
-            end = min(Kb, unknown[-1] + 1 + C)
-            win = list(range(max(0, end - W), max(0, end - W) + W))
-            out.append((win, [k for k in win if not known[k]]))
+            a = max(0, min(L, unknown[-1] + 1 + C) - W)
         else:
             u0 = unknown[0]
-            a = min(max(0, u0 - C), Kb - W)
-            nxt = next((k for k in range(u0, Kb) if known[k]), None)        # the next known keyframe
-            if plan and nxt is not None and nxt >= a + W:                   # out of this window's reach
-                if nxt - W + 1 <= u0 - 1:
-                    a = nxt - W + 1                                         # less context, up to it
-                else:                                                       # wider than a window
-                    p = u0 - 1
-                    win = [p + round(j * (nxt - p) / (W - 1)) for j in range(W)]
-                    out.append((win, win[1:-1]))
-                    for k in win:
-                        known[k] = True
-                    continue
-            win = list(range(a, a + W))
-            last = max((k for k in win if known[k] and k > u0), default=None)
-            made = [k for k in win if not known[k] and (last is None or k < last)]
-            out.append((win, made))
-        for k in out[-1][1]:
+            a = min(max(0, u0 - C), L - W)
+            nxt = next((i for i in range(u0, L) if known[lattice[i]]), None)   # the next known one
+            if reach and nxt is not None and a + W <= nxt and nxt - W + 1 <= u0 - 1:
+                a = nxt - W + 1
+        win = lattice[a:a + W]
+        last = None if backward else max((k for k in win if known[k] and k > lattice[u0]), default=None)
+        made = [k for k in win if not known[k] and (last is None or k < last)]
+        out.append((win, made))
+        for k in made:
             known[k] = True
     return out
 
