@@ -243,11 +243,12 @@ def window_schedule(known: list[bool], W: int, C: int, backward: bool = False,
     instead of running out of the frame after two windows."""
     known, Kb, out = list(known), len(known), []
     if plan and not any(known) and Kb > W:
-        f, r, factors = W - C, (Kb - 1) / (W - 1), []                    # r: the top lattice's spacing
-        while r > f:                                                      # spacings r .. f, then 1
-            r, factors = r / f, [f] + factors
-        lattice = _spread([0, Kb - 1], W - 1)
-        for k in [math.ceil(r)] + factors[1:] if factors else []:
+        f, r, levels = W - C, (Kb - 1) / (W - 1), 0                     # r: the plan's spacing
+        while r > f:                                                      # r -> r / f ... -> f -> 1
+            r, levels = r / f, levels + 1
+        divide = [math.ceil(r)] + [f] * (levels - 1) if levels else []    # each coarse lattice's gaps by
+        lattice = _spread([0, Kb - 1], W - 1)                             # the plan: W keyframes
+        for k in divide:
             out += _fill(lattice, known, W, C, False, reach=True)
             lattice = _spread(lattice, k)
         out += _fill(lattice, known, W, C, False, reach=True)
