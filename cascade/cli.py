@@ -296,6 +296,8 @@ def resolve_sampling(args, cc: CascadeConfig) -> dict:
         out["base"].autoguidance = args.autoguidance
     if getattr(args, "long", None) is not None:
         out["base"].long = args.long
+    if getattr(args, "image_guidance", None) is not None:
+        out["base"].image_guidance = args.image_guidance
     return out
 
 
@@ -312,6 +314,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoguidance", type=float, help="the base's autoguidance weight: its guide "
                    "model (base/guide) steers away from its errors; 1 = off (default: the base "
                    "config's diffusion.autoguidance)")
+    p.add_argument("--image-guidance", type=float, help="image scale of the base's three-way "
+                   "guidance when frames are given (default: the base config's cond.image_guidance)")
     p.add_argument("--long", choices=LONG_MODES, help="a text-only video longer than the base's "
                    "window: plan (its keyframes spread over the whole video first, then filled "
                    "between) or chain (window after window, each continuing the last) (default: the "
@@ -448,8 +452,6 @@ def cmd_sample(args) -> None:
     passes = args.interp_passes if args.interp_passes is not None else (1 if pipe.interp else 0)
     rate = pipe.interp.cfg.interp.rate if pipe.interp is not None else 1
     conditions = conditions_from_args(args, frame_prompt, pipe.fps * rate ** passes)
-    if args.image_guidance is not None:
-        per_stage["base"].image_guidance = args.image_guidance
     short = {}                                         # extended prompt -> the user's prompt
     if extender is not None:
         text = getattr(pipe, "text", None)             # the added words fit its max_length
@@ -697,8 +699,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", action="append", metavar="DIR[:SCALE]", help="a LoRA adapter "
                    "(cascade train ... train.lora.rank=R, cascade tune) folded into its stage at "
                    "SCALE (default 1); repeat for several")
-    s.add_argument("--image-guidance", type=float, help="image scale of the three-way guidance "
-                   "when frames are given (default: the base config's cond.image_guidance)")
     s.add_argument("--no-interp", action="store_true", help="skip the interp stage")
     s.add_argument("--no-sr", action="store_true", help="skip the super-resolution stage")
     s.add_argument("--save-stages", action="store_true", help="also write each video's keyframes, "

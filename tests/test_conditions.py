@@ -359,7 +359,8 @@ def test_eval_task_runs_every_task(cascade_dir, task, tmp_path, capsys):
 
 def test_cli_long_videos_plan_or_chain(cascade_dir, tmp_path, capsys):
     """`--long plan|chain` picks how a long video's keyframes are made, from `cascade sample` and
-    `cascade eval --task long`; another word is refused by the parser before anything loads."""
+    `cascade eval --task long`; another word is refused by the parser before anything loads.
+    `--image-guidance` reaches `cascade eval` too; out of range it is one line, nothing written."""
     from cascade.cli import main
     for mode in ("plan", "chain"):
         assert main(["sample", PROMPT, "--stages", str(cascade_dir), "--frames", "25", "--steps", "1",
@@ -368,6 +369,15 @@ def test_cli_long_videos_plan_or_chain(cascade_dir, tmp_path, capsys):
                  "--long", "chain", "--num-prompts", "1", "--out", str(tmp_path / "eval"),
                  "--no-progress"]) == 0
     assert "| long |" in capsys.readouterr().out
+    # the image scale of three-way guidance reaches the eval as it reaches sample (shared flags)
+    assert main(["eval", "--stages", str(cascade_dir), "--task", "i2v", "--steps", "1",
+                 "--image-guidance", "1.5", "--num-prompts", "1", "--out", str(tmp_path / "ig"),
+                 "--no-progress"]) == 0
+    assert "| i2v |" in capsys.readouterr().out
+    assert main(["eval", "--stages", str(cascade_dir), "--task", "i2v", "--image-guidance", "-1",
+                 "--num-prompts", "1", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--image-guidance: must be" in err and not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit):
         main(["sample", PROMPT, "--stages", str(cascade_dir), "--frames", "25", "--long", "both"])
     assert "invalid choice: 'both'" in capsys.readouterr().err
