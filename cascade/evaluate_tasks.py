@@ -185,14 +185,13 @@ def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, le
         out.update(seam=loop_seam(v))
         joins, parts = [], None
     elif task == "long":
-        from cascade.sampling import resolve_sampling
         from cascade.stages.base import window_joins
         res = pipe(prompt, frames=length, **kw)
         v = res.video[0]
         step = pipe.vae.temporal_factor * rate ** passes
         Wk, C = pipe.base_cfg.dit.frames, min(pipe.base_cfg.cond.k_max, pipe.base_cfg.dit.frames - 1)
-        plan = resolve_sampling(kw.get("base"), config=pipe.base_cfg.diffusion).long == "plan"
-        joins = [step * k for k in window_joins((v.shape[1] - 1) // step + 1, Wk, C, plan)]
+        joins = [step * k for k in window_joins((v.shape[1] - 1) // step + 1, Wk, C,
+                                                 pipe.base.plans(kw.get("base")))]
         out.update(seam=seam_ratio(v, joins) if joins else float("nan"))
         parts = (slice(0, step * Wk), slice(step * Wk, None)) if joins else None  # the first window's
     else:                                                                  # edit

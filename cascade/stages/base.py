@@ -195,8 +195,7 @@ class BaseStage(DiffusionStage):
         dev = next(self.net.parameters()).device
         latents = torch.zeros(shape, device=dev) if given is None else given[0].to(dev).clone().float()
         known = torch.zeros(Kb, dtype=torch.bool) if given is None else given[1][0].bool().clone()
-        plan = (resolve_sampling(sampling, config=self.cfg.diffusion).long == "plan" and given is None
-                and start is None and not backward)                      # text only: frame prompts chain
+        plan = self.plans(sampling, given, start, backward)
         for n, (win, made) in enumerate(window_schedule(known.tolist(), W, C, backward, plan)):
             mask = known[win].float().expand(B, W)
             g = (latents[:, :, win], mask) if known[win].any() else None
@@ -207,6 +206,13 @@ class BaseStage(DiffusionStage):
             latents[:, :, made] = out[:, :, keep]
             known[made] = True
         return latents
+
+    def plans(self, sampling, given=None, start=None, backward: bool = False) -> bool:
+        """Whether `sample_windows` plans a video first (`window_schedule`): text only (no given
+        frames, no SDEdit start, forward) with the sampling's `long` (else the config's) plan;
+        frame prompts chain from their given frames."""
+        return (resolve_sampling(sampling, config=self.cfg.diffusion).long == "plan" and given is None
+                and start is None and not backward)
 
     def frame_inputs(self, given, like: torch.Tensor, generator) -> tuple[dict, dict]:
         """The network's frame inputs for `given` (None: nothing given) and those of "nothing
