@@ -39,6 +39,7 @@ class DataConfig:
     buckets: list[list[int]] = field(default_factory=list)
     bucket_max_crop: float = 0.25  # a bucket may cut away at most this share of a video's picture
     mix_synthetic: float = 0.0     # kind=folder: this share of training samples are embedded-domain clips (by seed, index)
+    loops: float = 0.0             # synthetic: this share of clips loop (wrap around; the base gives them first and last)
 
 
 @dataclass
@@ -314,6 +315,9 @@ def validate(cfg: StageConfig) -> StageConfig:
     if not 0 <= cfg.data.mix_synthetic < 1 or (cfg.data.mix_synthetic and cfg.data.kind != "folder"):
         raise ConfigError(f"data.mix_synthetic: must be in [0, 1) and goes with data.kind=folder, "
                           f"got {cfg.data.mix_synthetic} with {cfg.data.kind}")
+    if not 0 <= cfg.data.loops <= 1 or (cfg.data.loops and cfg.data.kind != "synthetic"):
+        raise ConfigError(f"data.loops: must be in [0, 1] and goes with data.kind=synthetic, got "
+                          f"{cfg.data.loops} with {cfg.data.kind}")
     if not 0 <= cfg.data.recaption_ratio <= 1:
         raise ConfigError(f"data.recaption_ratio: must be in [0, 1], got {cfg.data.recaption_ratio}")
     if cfg.data.image_fraction and cfg.stage == "interp":

@@ -96,25 +96,51 @@ def min_object_area(height: int, width: int) -> float:
     return MIN_OBJECT_FRACTION * min(shape_area(s) for s in SHAPES) * r * r
 
 
-def count_objects(mask: torch.Tensor, min_area: float) -> torch.Tensor:
+def count_objects(mask: torch.Tensor, min_area: float, wrap: bool = False) -> torch.Tensor:
     """mask (T, H, W) bool -> (T,) the number of 4-connected regions of at least min_area pixels
-    in each frame (scipy.ndimage.label per frame)."""
+    in each frame (scipy.ndimage.label per frame). wrap: the frame is a torus (a loop's object
+    leaving at one edge is the same object coming back at the other): regions touching across
+    opposite edges are one."""
     from scipy import ndimage
     counts = []
     for frame in mask.numpy():
         labels, n = ndimage.label(frame)                       # 4-connectivity (the default)
+        if wrap:
+            parent = list(range(n + 1))
+
+            def root(a):
+                while parent[a] != a:
+                    a = parent[a]
+                return a
+            for a, b in [*zip(labels[:, 0], labels[:, -1]), *zip(labels[0], labels[-1])]:
+                if a and b:
+                    parent[root(a)] = root(b)
+            labels = np.array([root(i) for i in range(n + 1)])[labels]
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         counts.append(int((sizes >= min_area).sum()))
     return torch.tensor(counts)
 
 
-def analyse(video: torch.Tensor, time_scale: float = 1.0, still: float | None = None) -> dict:
+def _circular_track(mass: torch.Tensor, n: int, seen: torch.Tensor) -> torch.Tensor:
+    """The centroid on a circle of n pixels per frame, unwrapped over the frames that show the
+    object (a loop's object crossing an edge keeps going): mass (T, n) -> (T,) pixels."""
+    theta = 2 * math.pi * (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    ang = torch.remainder(torch.atan2((mass * theta.sin()).sum(1), (mass * theta.cos()).sum(1)),
+                          2 * math.pi)                                               # (T,) in [0, 2 pi)
+    ang[seen] = torch.from_numpy(np.unwrap(ang[seen].numpy())).float()
+    return ang * n / (2 * math.pi)
+
+
+def analyse(video: torch.Tensor, time_scale: float = 1.0, still: float | None = None,
+            wrap: bool = False) -> dict:
     """Read one synthetic-domain video: video (3, T, H, W) in [-1, 1] -> dict with the named
     factors colour, shape, motion, background (None where no object was found) and the numbers
     behind them. Any T, H, W. time_scale: frames of this video per frame at the data frame rate
     (4 after one interp pass at rate 4), so motion is judged per unit of time, not per frame.
     still: the standing-still threshold (fraction of the side) instead of `still_threshold`'s for
     a clip of this length (a part of a longer video moves only its share of the video's travel).
+    wrap: a loop's frame is a torus (`synthetic.loop_place`): objects are counted across opposite
+    edges, the centroid is the circular mean unwrapped over time, templates wrap around.
     (The numbered steps below are one analysis; kept in one function, ~65 lines, to read in order.)
 
     1. background: the per-channel median of the border pixels of every frame (the object covers
@@ -147,7 +173,7 @@ def analyse(video: torch.Tensor, time_scale: float = 1.0, still: float | None = 
            "colour": None, "shape": None, "motion": None}
     dist = (x - bg.view(3, 1, 1, 1)).norm(dim=0)                                     # (T, H, W)
     rough = dist > MIN_CONTRAST / 2
-    objects = count_objects(rough, min_object_area(H, W))                            # (T,)
+    objects = count_objects(rough, min_object_area(H, W), wrap)                      # (T,)
     out.update(objects=objects.tolist(), one_object=bool((objects == 1).all()), track_jitter=None)
     if not rough.any():
         return out
@@ -161,8 +187,11 @@ def analyse(video: torch.Tensor, time_scale: float = 1.0, still: float | None = 
     ys = torch.arange(H, dtype=torch.float32) + 0.5
     xs = torch.arange(W, dtype=torch.float32) + 0.5
     seen = area > 0.5                                                                # frames with an object
-    cx = (cover.sum(1) * xs).sum(1) / area.clamp_min(1e-6)                           # (T,)
-    cy = (cover.sum(2) * ys).sum(1) / area.clamp_min(1e-6)                           # (T,)
+    if wrap:
+        cx, cy = _circular_track(cover.sum(1), W, seen), _circular_track(cover.sum(2), H, seen)
+    else:
+        cx = (cover.sum(1) * xs).sum(1) / area.clamp_min(1e-6)                       # (T,)
+        cy = (cover.sum(2) * ys).sum(1) / area.clamp_min(1e-6)                       # (T,)
 
     # motion: slope of the centroid per data frame, times the clip's length in data frames
     frames = (T - 1) / time_scale + 1
@@ -193,6 +222,8 @@ def analyse(video: torch.Tensor, time_scale: float = 1.0, still: float | None = 
         for i in torch.nonzero(seen).flatten().tolist():
             r = math.sqrt(float(area[i]) / shape_area(shape))
             px, py = xs.view(1, W) - cx[i], ys.view(H, 1) - cy[i]
+            if wrap:                                                                 # the nearest copy
+                px, py = torch.remainder(px + W / 2, W) - W / 2, torch.remainder(py + H / 2, H) - H / 2
             tmpl = (0.5 - shape_sdf(shape, px.expand(H, W), py.expand(H, W), r)).clamp(0, 1)  # (H, W)
             tmpl = _blurs(tmpl)                                                      # (n, H, W)
             inter = torch.minimum(tmpl, cover[i]).flatten(1).sum(1)                 # (n,)

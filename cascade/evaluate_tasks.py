@@ -213,7 +213,7 @@ def run_task(pipe, task: str, prompt: str, i: int, seed: int, sampling: dict, le
                    track_distance=float((a - b).norm(dim=1).mean()) if a is not None and b is not None
                    else float("nan"), new_prompt=new)
         return out
-    a = analyse(v, rate)
+    a = analyse(v, rate, wrap=task == "loop")                              # a loop may wrap around
     want = parse_caption(prompt)
     out.update(one_object=a["one_object"], colour=a["colour"] == want["colour"],
                motion=a["motion"] == want["motion"], frames=v.shape[1])

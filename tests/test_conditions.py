@@ -55,6 +55,41 @@ def test_base_prepare_gives_frames_of_the_clip(assets):  # noqa: F811
     assert torch.isfinite(loss)
 
 
+def test_loop_clips_wrap_around_and_are_given_first_and_last(assets):  # noqa: F811
+    """data.loops: a share of clips whose moving object crosses the frame once and wraps around
+    (last frame = first); the other clips are unchanged, and a loop clip is always given its first
+    and last frame (never text only, so text-only videos do not learn to wrap)."""
+    from cascade.data.synthetic import SyntheticVideos
+    from cascade.evaluate import analyse
+    from cascade.stages import build_stage
+    plain, looped = SyntheticVideos(8, 32, 32, seed=3), SyntheticVideos(8, 32, 32, seed=3, loops=0.5)
+    loops = [i for i in range(40) if looped.meta(i).get("loop")]
+    assert 10 <= len(loops) <= 30
+    for i in range(40):
+        a, b = looped[i], plain[i]
+        if i not in loops:
+            assert torch.equal(a["video"], b["video"])                   # the same stream otherwise
+            continue
+        v, meta = a["video"], a["meta"]
+        assert (v[:, -1] - v[:, 0]).abs().max() < 1e-4                   # ends where it starts
+        got = analyse(v, wrap=True)
+        assert got["one_object"] and got["motion"] == meta["motion"], (a["caption"], got["objects"])
+        assert got["shape"] == meta["shape"]
+        if meta["motion"] != "standing still":
+            moved = max(abs(d) for d in got["displacement"])
+            assert 0.9 < moved < 1.1                                     # once across the frame
+    cfg = stage_cfg("base", assets, COND + ["cond.none=1", "cond.first=0", "cond.last=0",
+                                           "cond.first_last=0", "cond.first_k=0", "cond.last_k=0"])
+    stage = build_stage(cfg)
+    batch, gens = batch_of(cfg, [0, 1, 2, 3])
+    batch["meta"][1]["loop"] = batch["meta"][3]["loop"] = True
+    mask = stage.prepare(batch, gens, "cpu")["frame_mask"][:, 0, :, 0, 0]   # (B, T)
+    assert [kind_of(r) for r in mask] == ["none", "first_last", "none", "first_last"]
+    from cascade.config import load_config
+    with pytest.raises(ConfigError, match="data.loops"):
+        load_config(None, ["stage=base", "data.loops=1.5"])
+
+
 def test_cond_config_errors():
     from cascade.config import load_config
     with pytest.raises(ConfigError, match="cond: the condition-type rates"):

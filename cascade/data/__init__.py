@@ -26,7 +26,8 @@ def build_dataset(data_cfg: DataConfig, split: str = "train"):
     if d.kind == "synthetic":
         seed = d.seed + (HELDOUT_SEED_OFFSET if split == "val" else 0)
         return SyntheticVideos(d.frames, d.height, d.width, seed=seed, fps=d.fps,
-                               buckets=d.buckets if split == "train" else None)
+                               buckets=d.buckets if split == "train" else None,
+                               loops=d.loops if split == "train" else 0.0)
     if d.kind == "folder":
         for key in ("root", "manifest"):
             if not getattr(d, key):

@@ -186,8 +186,22 @@ def shape_sdf(shape: str, px: torch.Tensor, py: torch.Tensor, r: float) -> torch
     raise ValueError(f"unknown shape '{shape}'")
 
 
+def loop_place(meta: dict, frames: int, height: int, width: int) -> dict:
+    """A placed clip (`place`) made a loop of `frames` frames: a moving object crosses the frame
+    once over frames - 1 of them and wraps around (what leaves at one edge comes back at the
+    other, `render`), so its last frame is its first, the frame the loop task gives twice; a
+    standing object stays as it is. The only loop of an object moving one way there is."""
+    meta = dict(meta, loop=True)
+    dx, dy = DIRECTIONS[meta["motion"]]
+    if (dx or dy) and frames > 1:
+        speed = (width if dx else height) / (frames - 1)
+        meta.update(speed=speed, velocity=(speed * dx, speed * dy))
+    return meta
+
+
 def render(meta: dict, frames: int, height: int, width: int) -> torch.Tensor:
-    """meta (with size, start, velocity in pixels) -> video (3, T, H, W) in [-1, 1]."""
+    """meta (with size, start, velocity in pixels) -> video (3, T, H, W) in [-1, 1]. A loop
+    (`loop_place`) is drawn on a torus: the shape also at one frame's width (height) either side."""
     t = torch.arange(frames, dtype=torch.float32)                          # (T,)
     cx = meta["start"][0] + meta["velocity"][0] * t                         # (T,)
     cy = meta["start"][1] + meta["velocity"][1] * t                         # (T,)
@@ -195,6 +209,9 @@ def render(meta: dict, frames: int, height: int, width: int) -> torch.Tensor:
     xs = torch.arange(width, dtype=torch.float32) + 0.5
     px = xs.view(1, 1, width) - cx.view(frames, 1, 1)                       # (T, 1, W)
     py = ys.view(1, height, 1) - cy.view(frames, 1, 1)                      # (T, H, 1)
+    if meta.get("loop"):                                                    # the nearest copy
+        px = torch.remainder(px + width / 2, width) - width / 2
+        py = torch.remainder(py + height / 2, height) - height / 2
     px, py = px.expand(frames, height, width), py.expand(frames, height, width)
     cover = (0.5 - shape_sdf(meta["shape"], px, py, meta["size"])).clamp(0, 1)  # (T, H, W)
     fg = torch.tensor(COLOURS[meta["colour"]], dtype=torch.float32).view(3, 1, 1, 1) / 127.5 - 1
@@ -210,16 +227,18 @@ class SyntheticVideos(Dataset):
     """Map-style, "infinite" data set of (video, caption, meta), a pure function of (seed, index).
 
     Each sample: random discrete factors (`sample_meta`), then size, speed and start (`place`).
-    T=1 gives an image (its first frame).
+    T=1 gives an image (its first frame). loops: the share of clips that are loops (`loop_place`),
+    drawn from a stream of their own (every other clip is the same as with loops=0).
     """
 
     def __init__(self, frames: int, height: int, width: int, seed: int = 0, fps: float = REF_FPS,
-                 buckets: list | None = None):
+                 buckets: list | None = None, loops: float = 0.0):
         if min(frames, height, width, fps) <= 0:
             raise ValueError(f"frames, height, width, fps must be positive, got {frames}, {height}, "
                              f"{width}, {fps}")
         self.frames, self.height, self.width, self.seed = frames, height, width, seed
         self.time_scale = fps / REF_FPS                  # motion per frame shrinks at higher fps
+        self.loops = loops
         self.buckets = parse_buckets(buckets) if buckets else []   # any index renders at any bucket
         self.bucket_members = None
 
@@ -228,15 +247,20 @@ class SyntheticVideos(Dataset):
 
     def meta(self, index: int) -> dict:
         """The full description of sample `index`: discrete factors + size, speed, start (pixels)."""
+        return self._meta(int(index), self.frames, self.height, self.width)
+
+    def _meta(self, index: int, T: int, H: int, W: int) -> dict:
         rng = np.random.default_rng((self.seed, index))
-        return place(sample_meta(rng), rng, self.frames, self.height, self.width, self.time_scale)
+        meta = place(sample_meta(rng), rng, T, H, W, self.time_scale)
+        if self.loops and np.random.default_rng((self.seed, index, 0x100B)).random() < self.loops:
+            meta = loop_place(meta, T, H, W)
+        return meta
 
     def __getitem__(self, index) -> dict:
         """index: an int, or (int, bucket) from a BucketSampler: the clip at the bucket's shape."""
         index, bucket = index if isinstance(index, tuple) else (index, None)
         T, H, W = self.buckets[bucket] if bucket is not None else (self.frames, self.height, self.width)
-        rng = np.random.default_rng((self.seed, int(index)))
-        meta = place(sample_meta(rng), rng, T, H, W, self.time_scale)
+        meta = self._meta(int(index), T, H, W)
         video = render(meta, T, H, W)                                        # (3, T, H, W)
         caption = make_caption(meta["shape"], meta["colour"], meta["motion"], meta["background"])
         return {"video": video, "caption": caption, "meta": meta}

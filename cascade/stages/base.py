@@ -95,15 +95,21 @@ class BaseStage(DiffusionStage):
         else:
             noise = gens.randn((len(gens), *x0.shape[1:])).to(device)
         if self.frame_prompts:
-            cond.update(self.training_frames(x0, gens))
+            loops = [bool(m.get("loop")) for m in batch.get("meta", [])]
+            cond.update(self.training_frames(x0, gens, loops))
         return {"x0": x0, "t": t, "noise": noise, **cond}
 
-    def training_frames(self, x0: torch.Tensor, gens) -> dict:
+    def training_frames(self, x0: torch.Tensor, gens, loops: list[bool] = ()) -> dict:
         """The frame prompt of each training sample (`conditions.training_mask`): its given latent
         frames, noise-augmented, at their slots, their mask and the augmentation level (0 where
-        nothing is given). x0 (B, C, T, h, w) -> frames, frame_mask (B, 1, T, 1, 1), aug_t (B,)."""
+        nothing is given). A loop clip (data.loops) is always given its first and last frame, the
+        loop task's prompt, so a text-only video never learns to wrap around. x0 (B, C, T, h, w)
+        -> frames, frame_mask (B, 1, T, 1, 1), aug_t (B,)."""
         from cascade.conditions import training_mask
         mask = training_mask(self.cfg.cond, gens, x0.shape[2]).to(x0.device)   # (B, T)
+        for i in [i for i, loop in enumerate(loops) if loop]:
+            mask[i] = 0
+            mask[i, 0] = mask[i, -1] = 1
         aug_t = gens.rand().to(x0.device) * self.cfg.cond.aug_max * (mask.sum(1) > 0)
         aug, _ = self.diffusion.noise_augment(x0, aug_t, gens)            # each row its own noise
         mask = mask[:, None, :, None, None]                                # (B, 1, T, 1, 1)
