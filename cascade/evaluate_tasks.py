@@ -17,7 +17,8 @@ connect joins, the clip edit changes), the cascade runs, and the video written i
     drift        extend, long: the object's mean colour over the last 8 frames against the first
                  8 (8-bit levels; the target is <= 10)
     moves        i2v, loop, over the prompts that ask for motion: the object moves (not a still
-                 video) the way the prompt says
+                 video) the way the prompt says (a loop is read on a torus, `analyse(wrap=True)`:
+                 its object may leave at one edge and come back at the other)
     invert       DDIM inversion of a clip's keyframes with its caption, then DDIM sampling back
                  with the same prompt (the base alone, guidance 1), at INVERT_STEPS steps: the
                  round trip's latent SNR (dB) against the clip's keyframe latents and the decoded

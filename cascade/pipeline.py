@@ -58,6 +58,22 @@ def has_stage(root: str | Path, stage: str) -> bool:
         return False
 
 
+def task_adapters(base_folder: str | Path) -> dict[str, Path]:
+    """The task adapters of a base export: {task: the adapter} for each folder base_folder/tasks/TASK
+    naming a task of `Conditions` (cascade/conditions.py), the adapter being that folder or its
+    export/ (a LoRA run trained there: `train.out_dir=<base export>/tasks/loop`). A folder named
+    after no task is a one-line error (its adapter would never be used)."""
+    from cascade.conditions import TASKS
+    from cascade.stages.common import TASKS_DIR
+    root = Path(base_folder) / TASKS_DIR
+    found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() else {}
+    for name in found:
+        if name not in TASKS:
+            raise ConfigError(f"{root / name}: not a task ({', '.join(TASKS)}); a task adapter's "
+                              f"folder is named after the task it is used for")
+    return {k: p / "export" if (p / "export").is_dir() else p for k, p in found.items()}
+
+
 @dataclass
 class Result:
     """What a pipeline call returns. Videos are float (N, 3, T, H, W) in [-1, 1], on the CPU.
@@ -193,6 +209,8 @@ class Pipeline:
         self.interp_keyframes = self.interp.keyframes if self.interp is not None else None  # K
         for adapter in adapters or []:                               # (folder, scale) or a folder
             self.add_adapter(*((adapter, 1.0) if isinstance(adapter, (str, Path)) else adapter))
+        self.task_nets: dict[str, torch.nn.Module] = {}              # task -> base net, adapter folded in
+        self.task_adapters = task_adapters(stage_folder(folder, "base"))
         if self.interp is not None:
             icfg = self.interp.cfg
             if icfg.dit.in_channels != self.base_cfg.dit.in_channels:
@@ -217,6 +235,30 @@ class Pipeline:
         net = stage.net
         net.load_state_dict(merge(net.state_dict(), config, tensors, scale))
         return name
+
+    @contextmanager
+    def task_weights(self, task: str):
+        """The base with its task adapter folded in while the block runs, where the export has
+        one for `task` (base/tasks/TASK, `task_adapters`); the base as it is otherwise. The text-only
+        output never changes: a task adapter is trained on that task's clips alone (loop:
+        `data.loops=1`, every clip a loop given its first and last frame) and used only there."""
+        path = self.task_adapters.get(task)
+        if path is None:
+            yield
+            return
+        if task not in self.task_nets:                               # once per pipeline
+            import copy
+
+            from cascade.adapters import merge, read_adapter
+            _, config, tensors = read_adapter(path, self.base_cfg, stage_folder(self.folder, "base"))
+            net = copy.deepcopy(self.base.net)
+            net.load_state_dict(merge(net.state_dict(), config, tensors))
+            self.task_nets[task] = net
+        plain, self.base.net = self.base.net, self.task_nets[task]
+        try:
+            yield
+        finally:
+            self.base.net = plain
 
     @property
     def fps(self) -> float:
@@ -495,9 +537,10 @@ class Pipeline:
                     reference = SourceAttention(plan.inject) if plan.inject else None
                     start = (self.base.invert(source, *caption, sampling["base"], plan.strength,
                                               progress, reference), plan.strength, True)
-            latents = self.base.sample(shape, *conds[self.base.text_key], sampling["base"],
-                                       streams("base"), progress, keys, start,
-                                       plan.backward if plan is not None else False, reference)
+            with self.task_weights("loop" if plan is not None and plan.loop else "none"):
+                latents = self.base.sample(shape, *conds[self.base.text_key], sampling["base"],
+                                           streams("base"), progress, keys, start,
+                                           plan.backward if plan is not None else False, reference)
         bar.update()
         out["keyframes_latent"] = latents
         for i in range(passes):

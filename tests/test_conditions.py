@@ -255,6 +255,43 @@ def test_extend_connect_loop_and_edit_write_one_video(cascade_dir):
         pipe(PROMPT, conditions=Conditions("i2v", {9: image()}), **kw)
 
 
+def test_a_task_adapter_is_used_for_its_task_alone(cascade_dir, tmp_path, capsys):
+    """base/tasks/loop (a LoRA, here a one-shot `cascade tune` of the random base): a loop samples
+    its base with the adapter folded in; a text-only video is the base's without it, before and
+    after a loop; a tasks/ folder named after no task is one line."""
+    import shutil
+
+    from cascade.cli import main
+    from cascade.conditions import Conditions
+    from cascade.evaluate_tasks import truth
+    from cascade.pipeline import Pipeline
+    from cascade.video_io import write_mp4
+    clip = tmp_path / "clip.mp4"
+    write_mp4(truth(PROMPT, 13, 32, 32, 2.0, 0, 0), clip, fps=16)
+    adapter = tmp_path / "adapter"
+    assert main(["tune", str(clip), PROMPT, "--out", str(adapter), "--stages", str(cascade_dir),
+                 "--steps", "3", "--rank", "2", "--lr", "0.05", "--no-progress"]) == 0, capsys.readouterr().err
+    root = tmp_path / "stages"
+    (root / "base" / "tasks").mkdir(parents=True)
+    for f in (cascade_dir / "base").iterdir():
+        (root / "base" / f.name).symlink_to(f.resolve())
+    for name in ("vae", "interp", "sr"):
+        (root / name).symlink_to((cascade_dir / name).resolve())
+    shutil.copytree(adapter, root / "base" / "tasks" / "loop")
+    plain, tasked = Pipeline(cascade_dir), Pipeline(root)
+    kw = dict(seed=1, steps=2, progress=False)
+    a, b = plain(PROMPT, **kw), tasked(PROMPT, **kw)
+    assert torch.equal(a.video, b.video)                                 # text only: no adapter
+    a, b = (p(PROMPT, conditions=Conditions.loop(), **kw) for p in (plain, tasked))
+    assert (a.video - b.video).abs().max() > 1e-3                        # the loop: its adapter
+    for k, v in plain.base.net.state_dict().items():                     # the base put back after
+        assert torch.equal(v, tasked.base.net.state_dict()[k]), k
+    assert torch.equal(plain(PROMPT, **kw).video, tasked(PROMPT, **kw).video)
+    (root / "base" / "tasks" / "loops").mkdir()
+    with pytest.raises(ConfigError, match="tasks/loops: not a task"):
+        Pipeline(root)
+
+
 def test_long_video_windows_join_without_a_seam():
     """A known answer: a base whose network continues a straight line (x0 of every keyframe is the
     linear extrapolation of the window's first two given keyframes, or k * delta with nothing

@@ -95,6 +95,7 @@ def load_network(folder: str | Path, stage: str, device="cpu"):
 
 
 GUIDE = "guide"          # an export's subfolder holding its autoguidance model
+TASKS_DIR = "tasks"      # a base export's subfolder of task adapters: tasks/TASK, a LoRA for that task
 
 
 def load_guide(folder: str | Path, cfg: StageConfig, device="cpu"):
