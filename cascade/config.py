@@ -40,6 +40,7 @@ class DataConfig:
     bucket_max_crop: float = 0.25  # a bucket may cut away at most this share of a video's picture
     mix_synthetic: float = 0.0     # kind=folder: this share of training samples are embedded-domain clips (by seed, index)
     loops: float = 0.0             # synthetic: this share of clips loop (wrap around; the base gives them first and last)
+    loop_period: int = 0           # frames a loop takes to cross the frame (0: the clip's frames - 1, its last = its first)
 
 
 @dataclass
@@ -315,6 +316,8 @@ def validate(cfg: StageConfig) -> StageConfig:
     if not 0 <= cfg.data.mix_synthetic < 1 or (cfg.data.mix_synthetic and cfg.data.kind != "folder"):
         raise ConfigError(f"data.mix_synthetic: must be in [0, 1) and goes with data.kind=folder, "
                           f"got {cfg.data.mix_synthetic} with {cfg.data.kind}")
+    if cfg.data.loop_period < 0:
+        raise ConfigError(f"data.loop_period: must be >= 0 (0: the clip's own length), got {cfg.data.loop_period}")
     if not 0 <= cfg.data.loops <= 1 or (cfg.data.loops and cfg.data.kind != "synthetic"):
         raise ConfigError(f"data.loops: must be in [0, 1] and goes with data.kind=synthetic, got "
                           f"{cfg.data.loops} with {cfg.data.kind}")

@@ -209,8 +209,10 @@ class Pipeline:
         self.interp_keyframes = self.interp.keyframes if self.interp is not None else None  # K
         for adapter in adapters or []:                               # (folder, scale) or a folder
             self.add_adapter(*((adapter, 1.0) if isinstance(adapter, (str, Path)) else adapter))
-        self.task_nets: dict[str, torch.nn.Module] = {}              # task -> base net, adapter folded in
-        self.task_adapters = task_adapters(stage_folder(folder, "base"))
+        self.task_nets: dict[tuple, torch.nn.Module] = {}            # (stage, task) -> net, adapter folded in
+        self.task_adapters = {(name, task): path for name in ("base", "interp", "sr")
+                              if getattr(self, name) is not None
+                              for task, path in task_adapters(stage_folder(folder, name)).items()}
         if self.interp is not None:
             icfg = self.interp.cfg
             if icfg.dit.in_channels != self.base_cfg.dit.in_channels:
@@ -237,28 +239,30 @@ class Pipeline:
         return name
 
     @contextmanager
-    def task_weights(self, task: str):
-        """The base with its task adapter folded in while the block runs, where the export has
-        one for `task` (base/tasks/TASK, `task_adapters`); the base as it is otherwise. The text-only
-        output never changes: a task adapter is trained on that task's clips alone (loop:
-        `data.loops=1`, every clip a loop given its first and last frame) and used only there."""
-        path = self.task_adapters.get(task)
+    def task_weights(self, task: str, name: str = "base"):
+        """Stage `name` with its task adapter folded in while the block runs, where its export has
+        one for `task` (STAGE/tasks/TASK, `task_adapters`); the stage as it is otherwise. The
+        text-only output never changes: a task adapter is trained on that task's clips alone (loop:
+        `data.loops=1`, every clip a loop; the base gives it its first and last frame) and used
+        only there."""
+        path = self.task_adapters.get((name, task))
         if path is None:
             yield
             return
-        if task not in self.task_nets:                               # once per pipeline
+        stage = getattr(self, name)
+        if (name, task) not in self.task_nets:                       # once per pipeline
             import copy
 
             from cascade.adapters import merge, read_adapter
-            _, config, tensors = read_adapter(path, self.base_cfg, stage_folder(self.folder, "base"))
-            net = copy.deepcopy(self.base.net)
+            _, config, tensors = read_adapter(path, stage.cfg, stage_folder(self.folder, name))
+            net = copy.deepcopy(stage.net)
             net.load_state_dict(merge(net.state_dict(), config, tensors))
-            self.task_nets[task] = net
-        plain, self.base.net = self.base.net, self.task_nets[task]
+            self.task_nets[name, task] = net
+        plain, stage.net = stage.net, self.task_nets[name, task]
         try:
             yield
         finally:
-            self.base.net = plain
+            stage.net = plain
 
     @property
     def fps(self) -> float:
@@ -514,6 +518,7 @@ class Pipeline:
             return RowGenerators.keyed([(seed, p, k, purpose) for p, k in videos])
 
         out: dict[str, torch.Tensor] = {}
+        task = "loop" if plan is not None and plan.loop else None    # the tasks with adapters
         with step("base"):                                           # text encoded once per prompt
             conds = self.encode(prompts)
             shape = (B, self.base_cfg.dit.in_channels, kb, *size)
@@ -537,14 +542,14 @@ class Pipeline:
                     reference = SourceAttention(plan.inject) if plan.inject else None
                     start = (self.base.invert(source, *caption, sampling["base"], plan.strength,
                                               progress, reference), plan.strength, True)
-            with self.task_weights("loop" if plan is not None and plan.loop else "none"):
+            with self.task_weights(task):
                 latents = self.base.sample(shape, *conds[self.base.text_key], sampling["base"],
                                            streams("base"), progress, keys, start,
                                            plan.backward if plan is not None else False, reference)
         bar.update()
         out["keyframes_latent"] = latents
         for i in range(passes):
-            with step("interp"):
+            with step("interp"), self.task_weights(task, "interp"):
                 known = rows(given["interp"][i]) if "interp" in given else None
                 known = known if known is not None and known[1].any() else None
                 latents = self.interp.sample(latents, *conds[self.interp.text_key], sampling["interp"],

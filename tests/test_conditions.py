@@ -85,9 +85,16 @@ def test_loop_clips_wrap_around_and_are_given_first_and_last(assets):  # noqa: F
     batch["meta"][1]["loop"] = batch["meta"][3]["loop"] = True
     mask = stage.prepare(batch, gens, "cpu")["frame_mask"][:, 0, :, 0, 0]   # (B, T)
     assert [kind_of(r) for r in mask] == ["none", "first_last", "none", "first_last"]
+    part = SyntheticVideos(9, 32, 32, seed=3, fps=32, loops=1.0, loop_period=28)   # interp's clips
+    for i in range(10):
+        m = part.meta(i)
+        if m["motion"] != "standing still":
+            assert abs(abs(sum(m["velocity"])) - 32 / 28) < 1e-6           # a part of a 28-frame loop
     from cascade.config import load_config
     with pytest.raises(ConfigError, match="data.loops"):
         load_config(None, ["stage=base", "data.loops=1.5"])
+    with pytest.raises(ConfigError, match="data.loop_period"):
+        load_config(None, ["stage=base", "data.loop_period=-1"])
 
 
 def test_cond_config_errors():

@@ -27,7 +27,7 @@ def build_dataset(data_cfg: DataConfig, split: str = "train"):
         seed = d.seed + (HELDOUT_SEED_OFFSET if split == "val" else 0)
         return SyntheticVideos(d.frames, d.height, d.width, seed=seed, fps=d.fps,
                                buckets=d.buckets if split == "train" else None,
-                               loops=d.loops if split == "train" else 0.0)
+                               loops=d.loops if split == "train" else 0.0, loop_period=d.loop_period)
     if d.kind == "folder":
         for key in ("root", "manifest"):
             if not getattr(d, key):

@@ -186,15 +186,17 @@ def shape_sdf(shape: str, px: torch.Tensor, py: torch.Tensor, r: float) -> torch
     raise ValueError(f"unknown shape '{shape}'")
 
 
-def loop_place(meta: dict, frames: int, height: int, width: int) -> dict:
+def loop_place(meta: dict, frames: int, height: int, width: int, period: int = 0) -> dict:
     """A placed clip (`place`) made a loop of `frames` frames: a moving object crosses the frame
-    once over frames - 1 of them and wraps around (what leaves at one edge comes back at the
-    other, `render`), so its last frame is its first, the frame the loop task gives twice; a
-    standing object stays as it is. The only loop of an object moving one way there is."""
+    once over `period` frames (0: frames - 1) and wraps around (what leaves at one edge comes back
+    at the other, `render`), so with the default period its last frame is its first, the frame
+    the loop task gives twice; a standing object stays as it is. The only loop of an object moving
+    one way there is. A longer period than the clip: a part of a loop (the interp stage's clips)."""
     meta = dict(meta, loop=True)
     dx, dy = DIRECTIONS[meta["motion"]]
-    if (dx or dy) and frames > 1:
-        speed = (width if dx else height) / (frames - 1)
+    period = period or frames - 1
+    if (dx or dy) and period > 0:
+        speed = (width if dx else height) / period
         meta.update(speed=speed, velocity=(speed * dx, speed * dy))
     return meta
 
@@ -227,18 +229,19 @@ class SyntheticVideos(Dataset):
     """Map-style, "infinite" data set of (video, caption, meta), a pure function of (seed, index).
 
     Each sample: random discrete factors (`sample_meta`), then size, speed and start (`place`).
-    T=1 gives an image (its first frame). loops: the share of clips that are loops (`loop_place`),
-    drawn from a stream of their own (every other clip is the same as with loops=0).
+    T=1 gives an image (its first frame). loops: the share of clips that are loops (`loop_place`,
+    crossing the frame in loop_period frames), drawn from a stream of their own (every other clip
+    is the same as with loops=0).
     """
 
     def __init__(self, frames: int, height: int, width: int, seed: int = 0, fps: float = REF_FPS,
-                 buckets: list | None = None, loops: float = 0.0):
+                 buckets: list | None = None, loops: float = 0.0, loop_period: int = 0):
         if min(frames, height, width, fps) <= 0:
             raise ValueError(f"frames, height, width, fps must be positive, got {frames}, {height}, "
                              f"{width}, {fps}")
         self.frames, self.height, self.width, self.seed = frames, height, width, seed
         self.time_scale = fps / REF_FPS                  # motion per frame shrinks at higher fps
-        self.loops = loops
+        self.loops, self.loop_period = loops, loop_period
         self.buckets = parse_buckets(buckets) if buckets else []   # any index renders at any bucket
         self.bucket_members = None
 
@@ -253,7 +256,7 @@ class SyntheticVideos(Dataset):
         rng = np.random.default_rng((self.seed, index))
         meta = place(sample_meta(rng), rng, T, H, W, self.time_scale)
         if self.loops and np.random.default_rng((self.seed, index, 0x100B)).random() < self.loops:
-            meta = loop_place(meta, T, H, W)
+            meta = loop_place(meta, T, H, W, self.loop_period)
         return meta
 
     def __getitem__(self, index) -> dict:
