@@ -30,7 +30,7 @@ import torch
 
 from cascade.data.synthetic import (BACKGROUNDS, COLOURS, MIN_CONTRAST, SHAPES, SIZE_RANGE,
                                     SPEED_RANGE, balanced_prompts, parse_caption, place, render,
-                                    shape_sdf)
+                                    shape_sdf, torus_offset)
 
 FACTORS = ("colour", "shape", "motion", "background")
 # what a viewer sees beside the prompt's factors: exactly one object in every frame (no split, no
@@ -223,7 +223,7 @@ def analyse(video: torch.Tensor, time_scale: float = 1.0, still: float | None = 
             r = math.sqrt(float(area[i]) / shape_area(shape))
             px, py = xs.view(1, W) - cx[i], ys.view(H, 1) - cy[i]
             if wrap:                                                                 # the nearest copy
-                px, py = torch.remainder(px + W / 2, W) - W / 2, torch.remainder(py + H / 2, H) - H / 2
+                px, py = torus_offset(px, W), torus_offset(py, H)
             tmpl = (0.5 - shape_sdf(shape, px.expand(H, W), py.expand(H, W), r)).clamp(0, 1)  # (H, W)
             tmpl = _blurs(tmpl)                                                      # (n, H, W)
             inter = torch.minimum(tmpl, cover[i]).flatten(1).sum(1)                 # (n,)

@@ -58,14 +58,14 @@ def has_stage(root: str | Path, stage: str) -> bool:
         return False
 
 
-def task_adapters(base_folder: str | Path) -> dict[str, Path]:
-    """The task adapters of a base export: {task: the adapter} for each folder base_folder/tasks/TASK
-    naming a task of `Conditions` (cascade/conditions.py), the adapter being that folder or its
-    export/ (a LoRA run trained there: `train.out_dir=<base export>/tasks/loop`). A folder named
-    after no task is a one-line error (its adapter would never be used)."""
+def task_adapters(export: str | Path) -> dict[str, Path]:
+    """The task adapters of a diffusion stage's export: {task: the adapter} for each folder
+    export/tasks/TASK naming a task of `Conditions` (cascade/conditions.py), the adapter being
+    that folder or its export/ (a LoRA run trained there: `train.out_dir=<base export>/tasks/loop`).
+    A folder named after no task is a one-line error (its adapter would never be used)."""
     from cascade.conditions import TASKS
     from cascade.stages.common import TASKS_DIR
-    root = Path(base_folder) / TASKS_DIR
+    root = Path(export) / TASKS_DIR
     found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() else {}
     for name in found:
         if name not in TASKS:
@@ -207,9 +207,9 @@ class Pipeline:
                 setattr(self, name, cls.from_export(stage_folder(folder, name), self.device,
                                                     self.encoders))
         self.interp_keyframes = self.interp.keyframes if self.interp is not None else None  # K
+        self.task_nets: dict[tuple, torch.nn.Module] = {}            # (stage, task) -> net, adapter folded in
         for adapter in adapters or []:                               # (folder, scale) or a folder
             self.add_adapter(*((adapter, 1.0) if isinstance(adapter, (str, Path)) else adapter))
-        self.task_nets: dict[tuple, torch.nn.Module] = {}            # (stage, task) -> net, adapter folded in
         self.task_adapters = {(name, task): path for name in ("base", "interp", "sr")
                               if getattr(self, name) is not None
                               for task, path in task_adapters(stage_folder(folder, name)).items()}
@@ -236,6 +236,7 @@ class Pipeline:
         _, config, tensors = read_adapter(path, stage.cfg, stage_folder(self.folder, name))
         net = stage.net
         net.load_state_dict(merge(net.state_dict(), config, tensors, scale))
+        self.task_nets.clear()                                       # task nets start from this one
         return name
 
     @contextmanager

@@ -201,6 +201,12 @@ def loop_place(meta: dict, frames: int, height: int, width: int, period: int = 0
     return meta
 
 
+def torus_offset(d: torch.Tensor, n: float) -> torch.Tensor:
+    """Offsets d (pixels) on a frame side of n pixels taken to the nearest copy on a torus,
+    in [-n/2, n/2): where a loop's shape is drawn and read (`render`, `evaluate.analyse`)."""
+    return torch.remainder(d + n / 2, n) - n / 2
+
+
 def render(meta: dict, frames: int, height: int, width: int) -> torch.Tensor:
     """meta (with size, start, velocity in pixels) -> video (3, T, H, W) in [-1, 1]. A loop
     (`loop_place`) is drawn on a torus: the shape also at one frame's width (height) either side."""
@@ -212,8 +218,7 @@ def render(meta: dict, frames: int, height: int, width: int) -> torch.Tensor:
     px = xs.view(1, 1, width) - cx.view(frames, 1, 1)                       # (T, 1, W)
     py = ys.view(1, height, 1) - cy.view(frames, 1, 1)                      # (T, H, 1)
     if meta.get("loop"):                                                    # the nearest copy
-        px = torch.remainder(px + width / 2, width) - width / 2
-        py = torch.remainder(py + height / 2, height) - height / 2
+        px, py = torus_offset(px, width), torus_offset(py, height)
     px, py = px.expand(frames, height, width), py.expand(frames, height, width)
     cover = (0.5 - shape_sdf(meta["shape"], px, py, meta["size"])).clamp(0, 1)  # (T, H, W)
     fg = torch.tensor(COLOURS[meta["colour"]], dtype=torch.float32).view(3, 1, 1, 1) / 127.5 - 1

@@ -95,7 +95,7 @@ def load_network(folder: str | Path, stage: str, device="cpu"):
 
 
 GUIDE = "guide"          # an export's subfolder holding its autoguidance model
-TASKS_DIR = "tasks"      # a base export's subfolder of task adapters: tasks/TASK, a LoRA for that task
+TASKS_DIR = "tasks"      # an export's subfolder of task adapters: tasks/TASK, a LoRA used for that task alone
 
 
 def load_guide(folder: str | Path, cfg: StageConfig, device="cpu"):
