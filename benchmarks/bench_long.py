@@ -41,10 +41,13 @@ def main(argv=None):
     p.add_argument("--stages", type=Path, default=None, help="trained stages to time instead")
     p.add_argument("--cascade", type=Path, default=REPO / "configs" / "cascade" / "tiny_full.yaml")
     p.add_argument("--long", choices=LONG_MODES, default=None, help="how the keyframes are made")
+    p.add_argument("--window-steps", type=int, default=None,
+                   help="steps of the base windows after the first (default: the base config's)")
     args = parse_args(p, argv)
     from cascade.pipeline import Pipeline, StageSampling
     settings = sampling_settings(args.cascade)
     settings["base"].long = args.long
+    settings["base"].window_steps = args.window_steps
     counts = [int(n) for n in args.frames.split(",")]
     if args.smoke:
         settings = {k: StageSampling(1, v.guidance, v.sampler) for k, v in settings.items()}
@@ -68,7 +71,8 @@ def main(argv=None):
             print(f"  {n} frames: {sec:.2f} s, {rows[-1]['s/frame']:.3f} s/frame", flush=True)
     per_frame = [r["s/frame"] for r in rows]
     notes = [f"fp32, one video per count; sampling from {args.cascade.name}, long videos: "
-             f"{args.long or 'as the base config says'}; "
+             f"{args.long or 'as the base config says'}, windows after the first at "
+             f"{args.window_steps or 'the base steps'}; "
              + ("trained stages." if args.stages else "randomly initialised stages (same cost).")
              + " peak MiB: the largest memory a stage added "
              + ("(max_memory_allocated)." if device.type == "cuda" else "(peak RSS increase)."),

@@ -298,6 +298,8 @@ def resolve_sampling(args, cc: CascadeConfig) -> dict:
         out["base"].long = args.long
     if getattr(args, "image_guidance", None) is not None:
         out["base"].image_guidance = args.image_guidance
+    if getattr(args, "window_steps", None) is not None:
+        out["base"].window_steps = args.window_steps
     return out
 
 
@@ -320,6 +322,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    "window: plan (its keyframes spread over the whole video first, then filled "
                    "between) or chain (window after window, each continuing the last) (default: the "
                    "base config's diffusion.long; --extend and --connect chain from their frames)")
+    p.add_argument("--window-steps", type=int, help="a long video's base windows after the first "
+                   "sample with these steps (default: the base config's diffusion.window_steps; "
+                   "0 there: the base's steps)")
 
 
 MAX_SIZE = 16384        # pixels of `cascade sample --height / --width`
@@ -343,6 +348,7 @@ def check_sampling_args(args) -> None:
     check_number("--extend", getattr(args, "extend", None), 1, MAX_FRAMES, integer=True)
     check_number("--image-guidance", getattr(args, "image_guidance", None), 0, MAX_GUIDANCE)
     check_number("--autoguidance", getattr(args, "autoguidance", None), 0, MAX_GUIDANCE)
+    check_number("--window-steps", getattr(args, "window_steps", None), 1, MAX_STEPS, integer=True)
     strength = getattr(args, "strength", None)
     if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
         raise ValueError(f"--strength: must be in (0, 1], got {strength}")

@@ -204,6 +204,9 @@ class DiffusionConfig:
     # whole video, windows then fill between its keyframes; NUWA-XL's coarse to fine) | chain
     # (window after window, each continuing the last: Video LDM's prediction) (cascade/stages/base.py)
     long: str = "plan"
+    # steps of a long video's windows after its first (0: `steps`): a window with its context and
+    # its goal given is a narrower problem than the first (cascade/stages/base.py sample_windows)
+    window_steps: int = 0
 
 
 @dataclass
@@ -316,6 +319,9 @@ def validate(cfg: StageConfig) -> StageConfig:
     if not 0 <= cfg.data.mix_synthetic < 1 or (cfg.data.mix_synthetic and cfg.data.kind != "folder"):
         raise ConfigError(f"data.mix_synthetic: must be in [0, 1) and goes with data.kind=folder, "
                           f"got {cfg.data.mix_synthetic} with {cfg.data.kind}")
+    if cfg.diffusion.window_steps < 0:
+        raise ConfigError(f"diffusion.window_steps: must be >= 0 (0: diffusion.steps), got "
+                          f"{cfg.diffusion.window_steps}")
     if cfg.data.loop_period < 0:
         raise ConfigError(f"data.loop_period: must be >= 0 (0: the clip's own length), got {cfg.data.loop_period}")
     if not 0 <= cfg.data.loops <= 1 or (cfg.data.loops and cfg.data.kind != "synthetic"):

@@ -39,6 +39,7 @@ class StageSampling:
     image_guidance: float | None = None         # frame prompts: the image scale of three-way guidance
     autoguidance: float | None = None           # the weight of the guide model (1: off; Karras et al. 2024)
     long: str | None = None                     # the base's keyframes beyond one window: plan | chain
+    window_steps: int | None = None             # steps of a long video's windows after the first
 
     @classmethod
     def of(cls, value) -> "StageSampling":
@@ -52,7 +53,7 @@ class StageSampling:
             if unknown:
                 raise ValueError(f"stage sampling: unknown key(s) {sorted(unknown)} "
                                  f"(use steps, guidance, sampler, guidance_interval, image_guidance, "
-                                 f"autoguidance, long)")
+                                 f"autoguidance, long, window_steps)")
             return cls(**value)
         raise TypeError(f"stage sampling must be None, a dict or a StageSampling, got {type(value)}")
 
@@ -60,6 +61,7 @@ class StageSampling:
         """Itself, once its set fields are in range (one-line ValueError naming where + field)."""
         from cascade.registry import LONG_MODES, SAMPLER_NAMES as SAMPLERS
         check_number(f"{where}steps", self.steps, 1, MAX_STEPS, integer=True)
+        check_number(f"{where}window_steps", self.window_steps, 1, MAX_STEPS, integer=True)
         check_number(f"{where}guidance", self.guidance, 0, MAX_GUIDANCE)
         check_number(f"{where}image_guidance", self.image_guidance, 0, MAX_GUIDANCE)
         check_number(f"{where}autoguidance", self.autoguidance, 0, MAX_GUIDANCE)
@@ -86,7 +88,7 @@ class StageSampling:
 def resolve_sampling(*levels, config=None) -> StageSampling:
     """The sampling of one stage: each field from the first of `levels` (StageSampling, dict or
     None; most specific first) that sets it, then from `config` (a DiffusionConfig: steps,
-    guidance, sampler, guidance_interval, autoguidance, long) when given; without a config what no level sets stays
+    guidance, sampler, guidance_interval, autoguidance, long, window_steps) when given; without a config what no level sets stays
     None (the CLI resolves the cascade YAML's level before the stages are loaded)."""
     out = StageSampling()
     for level in reversed(levels):
@@ -94,6 +96,6 @@ def resolve_sampling(*levels, config=None) -> StageSampling:
     if config is not None:
         base = StageSampling(config.steps, config.guidance, config.sampler,
                              config.guidance_interval, autoguidance=config.autoguidance,
-                             long=config.long)
+                             long=config.long, window_steps=config.window_steps or None)
         out = out.over(base)
     return out

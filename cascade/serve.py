@@ -61,7 +61,7 @@ class Studio:
                  base_guidance=None, base_sampler=None, interp_steps=None, sr_steps=None,
                  base_autoguidance=None, extend_prompt: bool = False, adapters: str = "",
                  stage_outputs: bool = False, base_long: str | None = None,
-                 progress: bool = True) -> dict:
+                 base_window_steps=None, progress: bool = True) -> dict:
         """One job -> {"video": mp4 path, "sheet": PNG path, "table": markdown, "stages": [mp4
         paths], "prompt": the prompt used}. User mistakes raise one-line ValueErrors."""
         from cascade.conditions import Conditions
@@ -100,7 +100,8 @@ class Studio:
             cond.keep_input = bool(keep_input)              # the given frames unchanged, not rendered
         num = lambda v: None if v in (None, "", 0) else v                  # noqa: E731  (0: default)
         base = StageSampling(num(base_steps), base_guidance, base_sampler or None,
-                             autoguidance=base_autoguidance, long=base_long or None).over(
+                             autoguidance=base_autoguidance, long=base_long or None,
+                             window_steps=num(base_window_steps)).over(
             StageSampling.of(self.sampling.get("base")))
         if inversion == "ddim" and task == "Edit":
             base.sampler = "ddim"
@@ -179,6 +180,8 @@ def build_app(studio: Studio):
                 frames = gr.Number(value=0, precision=0, label="Frames (0: one clip; more: a long video)")
                 base_long = gr.Dropdown(["", *LONG_MODES], value="", label="Long videos: plan the "
                                         "whole video first, or chain windows (default: the base's)")
+                base_window_steps = gr.Number(value=0, precision=0, label="Long videos: steps of the "
+                                              "windows after the first (0: default)")
                 height = gr.Number(value=h0, precision=0, label="Height")
                 width = gr.Number(value=w0, precision=0, label="Width")
             with gr.Row():
@@ -205,7 +208,7 @@ def build_app(studio: Studio):
             files = gr.File(label="Download (video, and each stage's)", file_count="multiple")
         shared = [seed, frames, height, width, base_steps, base_guidance, base_sampler, interp_steps,
                   sr_steps, extend_prompt, adapters, stage_outputs, base_autoguidance,
-                  base_long]                                                 # new ones last
+                  base_long, base_window_steps]                              # new ones last
 
         for task, (inputs, button) in tabs.items():
             names = list(inputs)
@@ -214,7 +217,7 @@ def build_app(studio: Studio):
                 own, rest = values[:len(_names)], values[len(_names):]
                 keys = ("seed", "frames", "height", "width", "base_steps", "base_guidance",
                         "base_sampler", "interp_steps", "sr_steps", "extend_prompt", "adapters",
-                        "stage_outputs", "base_autoguidance", "base_long")
+                        "stage_outputs", "base_autoguidance", "base_long", "base_window_steps")
                 kw = dict(zip(_names, own)) | dict(zip(keys, rest))
                 try:
                     out = studio.generate(_task, prompt_text, **kw)

@@ -313,8 +313,10 @@ def test_long_video_windows_join_without_a_seam():
         def __init__(self):
             super().__init__()
             self.p = torch.nn.Parameter(torch.zeros(()))
+            self.calls = 0
 
         def forward(self, x, t, cond):
+            self.calls += 1
             B, C, W, h, w = x.shape
             m = cond["frame_mask"][:, 0, :, 0, 0]                         # (B, W)
             k = torch.arange(W, dtype=x.dtype)
@@ -339,6 +341,16 @@ def test_long_video_windows_join_without_a_seam():
     out = stage.sample((1, 4, 11, 2, 2), text, text, chain, RowGenerators([0]), False)
     line = delta * torch.arange(11.0).view(1, 11, 1, 1)                # (4, 11, 1, 1)
     torch.testing.assert_close(out[0], line.expand(4, 11, 2, 2), atol=1e-4, rtol=1e-5)
+    # window_steps: the windows after the first take that many steps, on the same line
+    from cascade.stages.base import window_schedule
+    n = len(window_schedule([False] * 11, 4, 2))
+    stage.net.calls = 0
+    stage.sample((1, 4, 11, 2, 2), text, text, chain, RowGenerators([0]), False)
+    every = stage.net.calls
+    stage.net.calls = 0
+    fewer = stage.sample((1, 4, 11, 2, 2), text, text, {**chain, "window_steps": 1}, RowGenerators([0]), False)
+    assert n > 1 and stage.net.calls * 3 * n == every * (3 + n - 1)
+    torch.testing.assert_close(fewer[0], line.expand(4, 11, 2, 2), atol=1e-4, rtol=1e-5)
     # plan: the first window's 4 keyframes spread over 13 (0, 4, 8, 12) make the line at a quarter
     # of the slope, and the windows of each finer lattice (every 2nd keyframe, then every one)
     # fill between them on that line
@@ -444,8 +456,8 @@ def test_cli_long_videos_plan_or_chain(cascade_dir, tmp_path, capsys):
     for mode in ("plan", "chain"):
         assert main(["sample", PROMPT, "--stages", str(cascade_dir), "--frames", "25", "--steps", "1",
                      "--long", mode, "--out", str(tmp_path / mode), "--no-progress"]) == 0
-    assert main(["eval", "--stages", str(cascade_dir), "--task", "long", "--frames", "25", "--steps", "1",
-                 "--long", "chain", "--num-prompts", "1", "--out", str(tmp_path / "eval"),
+    assert main(["eval", "--stages", str(cascade_dir), "--task", "long", "--frames", "25", "--steps", "2",
+                 "--window-steps", "1", "--long", "chain", "--num-prompts", "1", "--out", str(tmp_path / "eval"),
                  "--no-progress"]) == 0
     assert "| long |" in capsys.readouterr().out
     # the image scale of three-way guidance reaches the eval as it reaches sample (shared flags)
@@ -457,6 +469,9 @@ def test_cli_long_videos_plan_or_chain(cascade_dir, tmp_path, capsys):
                  "--num-prompts", "1", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "--image-guidance: must be" in err and not (tmp_path / "bad").exists()
+    assert main(["sample", PROMPT, "--stages", str(cascade_dir), "--frames", "25", "--window-steps", "0",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--window-steps: must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit):
         main(["sample", PROMPT, "--stages", str(cascade_dir), "--frames", "25", "--long", "both"])
     assert "invalid choice: 'both'" in capsys.readouterr().err

@@ -230,3 +230,8 @@ def test_long_videos_plan_or_chain_from_the_settings(studio):
     assert (read(plan).astype(float) - read(chain).astype(float)).std() > 1
     with pytest.raises(ValueError, match="long: 'both' is not one of plan, chain"):
         studio.generate("Text to video", PROMPT, frames=25, base_long="both")
+    # the windows' steps reach the base too: other steps after the first window, another video
+    fewer = studio.generate("Text to video", PROMPT, frames=25, base_long="plan", base_window_steps=1)
+    assert (read(fewer).astype(float) - read(plan).astype(float)).std() > 1
+    with pytest.raises(ValueError, match="window_steps: must be"):
+        studio.generate("Text to video", PROMPT, frames=25, base_window_steps=-1)

@@ -158,6 +158,7 @@ class BaseStage(DiffusionStage):
             cond, uncond = {**cond, **frames}, {**uncond, **frames}
         if given is not None:                      # kept along the sampler's path, exact at t = 0
             known = (given[0], given[1].to(noise.dtype)[:, None, :, None, None])
+        null = null if given is not None else None     # nothing given: no image term to guide
         return self.denoise(noise, cond, uncond, sampling, generator, progress, null, known,
                             start, reference)                              # (B, Cz, Kb, h, w)
 
@@ -202,11 +203,14 @@ class BaseStage(DiffusionStage):
         latents = torch.zeros(shape, device=dev) if given is None else given[0].to(dev).clone().float()
         known = torch.zeros(Kb, dtype=torch.bool) if given is None else given[1][0].bool().clone()
         plan = self.plans(sampling, given, start, backward)
+        steps = resolve_sampling(sampling, config=self.cfg.diffusion).window_steps  # None: the steps
         for n, (win, made) in enumerate(window_schedule(known.tolist(), W, C, backward, plan)):
             mask = known[win].float().expand(B, W)
             g = (latents[:, :, win], mask) if known[win].any() else None
             st = (start[0][:, :, win], start[1]) if start is not None else None
             s = sampling if n == 0 or plan else replace(StageSampling.of(sampling), autoguidance=1.0)
+            if n and steps:
+                s = replace(StageSampling.of(s), steps=steps)
             out = self.sample((B, Cz, W, h, w), cond, uncond, s, generator, progress, g, st).float()
             keep = [win.index(k) for k in made]
             latents[:, :, made] = out[:, :, keep]
