@@ -101,7 +101,7 @@ class DiTConfig:
     frames: int = 8             # latent frames the model is trained on (positions extend past it)
     height: int = 8             # latent height
     width: int = 8              # latent width
-    attention: str = "factorised"   # factorised (spatial then temporal in each block) | full | hybrid (full, then temporal)
+    attention: str = "factorised"   # factorised (spatial then temporal in each block) | full | hybrid (full, then temporal) | global (factorised, then full)
                                     # | window (W.A.L.T: spatial window, then spatiotemporal window)
     window_spatial: list[int] = field(default_factory=lambda: [4, 4])       # attention=window: tokens (h, w)
     window_spacetime: list[int] = field(default_factory=lambda: [2, 4, 4])  # attention=window: tokens (t, h, w)
@@ -274,7 +274,7 @@ class StageConfig:
 
 CHOICES = {
     "data.kind": ("synthetic", "folder", "cache"),   # cache: data.root = a `cascade cache` folder
-    "dit.attention": ("factorised", "full", "hybrid", "window"),
+    "dit.attention": ("factorised", "full", "hybrid", "window", "global"),
     "vae.bottleneck": ("kl", "vq", "fsq"),
     "dit.pos": ("rope", "sincos"),
     "diffusion.parameterisation": ("vp", "flow"),

@@ -349,7 +349,7 @@ def image_step(seed: int, step: int, fraction: float) -> bool:
 def init_weights(net: torch.nn.Module, folder: str, stage: str) -> None:
     """Load an exported stage's weights into net before training (a checkpoint resume replaces
     them later). Parts this model adds at zero (`VideoDiT.grow_state`: the in-frame position,
-    frame-condition inputs) are grown and named; any other missing or mismatched tensor is a
+    frame-condition inputs, a global attention) are grown and named; any other missing or mismatched tensor is a
     one-line error naming it."""
     from cascade.stages import load_export
     _, state = load_export(folder, expect_stage=stage)
@@ -357,7 +357,8 @@ def init_weights(net: torch.nn.Module, folder: str, stage: str) -> None:
     if hasattr(net, "grow_state"):
         state, grown = net.grow_state(state)
         if grown:
-            print(f"train.init_from: {len(grown)} new zero-started tensor(s) not in {folder}: "
+            print(f"train.init_from: {len(grown)} tensor(s) grown beyond {folder} (zero-started, "
+                  f"or a global attention copied from its block's spatial one): "
                   f"{', '.join(grown)}")
     for k, v in own.items():
         if k not in state:

@@ -243,13 +243,17 @@ class DiTBlock(nn.Module):
         # factorised: spatial, then temporal; full: one spacetime attention; hybrid: full spacetime
         # attention, then temporal (the factorised block's parameters, so it can start from one);
         # window (W.A.L.T): a spatial window, then a spatiotemporal window, which a 1-frame
-        # input (an image) skips: its temporal layer is the identity
-        self.factorised = cfg.attention in ("factorised", "hybrid", "window")
+        # input (an image) skips: its temporal layer is the identity; global: factorised, then a
+        # full spacetime attention of its own (adaLN-Zero gated, so it can be grown into a
+        # factorised export at zero: `VideoDiT.grow_state`)
+        self.factorised = cfg.attention in ("factorised", "hybrid", "window", "global")
         self.window = cfg.attention == "window"
-        self.first_mode = {"factorised": "spatial", "window": (1, *cfg.window_spatial)}.get(cfg.attention, "full")
+        self.first_mode = {"factorised": "spatial", "global": "spatial",
+                           "window": (1, *cfg.window_spatial)}.get(cfg.attention, "full")
         self.second_mode = tuple(cfg.window_spacetime) if self.window else "temporal"
         self.attn = SelfAttention(cfg)                                   # spatial, or full
         self.temporal = SelfAttention(cfg) if self.factorised else None
+        self.glob = SelfAttention(cfg) if cfg.attention == "global" else None
         self.norm_cross = nn.LayerNorm(cfg.hidden, eps=1e-6)
         self.cross = CrossAttention(cfg)
         hidden = int(cfg.hidden * cfg.mlp_ratio)
@@ -257,7 +261,8 @@ class DiTBlock(nn.Module):
         # approximation on a 4096 x 2048 activation (1 thread); the two differ by < 1e-3
         self.mlp = nn.Sequential(nn.Linear(cfg.hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, cfg.hidden))
-        self.n_mod = 9 if self.factorised else 6
+        # adaLN rows: (shift, scale, gate) per layer: first attention, [temporal,] MLP, [global]
+        self.n_mod = (9 if self.factorised else 6) + (3 if self.glob is not None else 0)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, self.n_mod * cfg.hidden))
 
     def forward(self, x, c, text, mask, rope, phases, layout=None, hw=None):
@@ -273,12 +278,14 @@ class DiTBlock(nn.Module):
         x = self.attn(x, *mods[0:3], self.first_mode, rope, phases, layout, hw)
         if self.factorised and not (self.window and T == 1):
             x = self.temporal(x, *mods[3:6], self.second_mode, rope, phases, layout, hw)
+        if self.glob is not None:
+            x = self.glob(x, *mods[9:12], "full", rope, phases, layout, hw)
         q = self.norm_cross(x.reshape(B, T * S, C))
         if layout is None:
             x = x + self.cross(q, text, mask).view(B, T, S, C)
         else:                                                            # each clip its own text
             x = x + layout.from_clips(self.cross(layout.to_clips(q[0]), text, mask)).view(B, T, S, C)
-        sh, sc, g = mods[-3:]
+        sh, sc, g = mods[6:9] if self.factorised else mods[3:6]
         fc1, act, fc2 = self.mlp
         h = act(modulated_linear(x.reshape(B, T * S, C), sh, sc, fc1, layout))
         return gated(x, g, h, fc2, layout)                               # x + g * fc2(h)
@@ -417,14 +424,27 @@ class VideoDiT(nn.Module):
         model trained without them: the tubelet embedding's new input columns (the given frames
         and their mask, after x's in the channel-major token) start at zero, the augmentation
         embedding's output too, so the grown model gives the old one's output bit for bit until
-        it is trained (Open-Sora 2.0 / ControlNet's zero-initialised condition inputs).
-        -> (state, the names grown)."""
+        it is trained (Open-Sora 2.0 / ControlNet's zero-initialised condition inputs). A
+        factorised export grown into dit.attention=global: each block's global attention starts
+        as a copy of its first (spatial) one, under adaLN rows that start at zero (gate 0: no
+        output until trained). -> (state, the names grown)."""
         own, state, grown = self.state_dict(), dict(state), []
         zero = set(self.zero_init_keys())
         for k in own:
             if k not in state and (k in zero or k.startswith("aug_embed.")):
                 state[k] = torch.zeros_like(own[k]) if k in zero else own[k]
                 grown.append(k)
+        for k in own:                                  # global attention: from the spatial one
+            if ".glob." in k and k not in state and k.replace(".glob.", ".attn.") in state:
+                state[k] = state[k.replace(".glob.", ".attn.")].clone()
+                grown.append(k)
+        for i, blk in enumerate(self.blocks):          # ... and its adaLN rows, appended at zero
+            for n in ("weight", "bias"):
+                k = f"blocks.{i}.ada.1.{n}"
+                w = state.get(k)
+                if blk.glob is not None and w is not None and w.shape[0] == own[k].shape[0] - 3 * self.cfg.hidden:
+                    state[k] = torch.cat([w, w.new_zeros(3 * self.cfg.hidden, *w.shape[1:])])
+                    grown.append(f"{k} (3 x {self.cfg.hidden} rows)")
         w = state.get("patch.weight")
         if w is not None and w.shape[0] == own["patch.weight"].shape[0] and \
                 w.shape[1] < own["patch.weight"].shape[1]:

@@ -33,7 +33,7 @@ def randomize_zero_init(m):
             p.data.normal_(0, 0.05)
 
 
-@pytest.mark.parametrize("attention_mode", ["factorised", "full", "hybrid"])
+@pytest.mark.parametrize("attention_mode", ["factorised", "full", "hybrid", "global"])
 @pytest.mark.parametrize("pos", ["rope", "sincos"])
 def test_shapes_and_zero_init(attention_mode, pos):
     m = VideoDiT(tiny_cfg(attention=attention_mode, pos=pos))
@@ -256,3 +256,21 @@ def test_frame_pos_starts_as_the_model_without_it_and_knows_the_borders():
     a, b = grown(x, t, c), grown(moved, t, c)
     assert not torch.allclose(torch.roll(a, (2, 2), (3, 4)), b, atol=1e-4)
     assert grown.frame_pos(3, 5, "cpu").shape == (15, 48)          # any frame size
+
+
+def test_global_attention_starts_as_the_factorised_model():
+    """dit.attention=global: a factorised export grown into it (its spatial attention copied into
+    each block's global one, whose adaLN rows start at zero) gives the same output to the bit;
+    once the global layer's gate opens, the output changes."""
+    torch.manual_seed(0)
+    plain = VideoDiT(tiny_cfg())
+    randomize_zero_init(plain)
+    grown = VideoDiT(tiny_cfg(attention="global"))
+    state, names = grown.grow_state(plain.state_dict())
+    grown.load_state_dict(state)
+    assert "blocks.1.glob.qkv.weight" in names and "blocks.1.ada.1.weight (3 x 48 rows)" in names
+    torch.testing.assert_close(grown.blocks[1].glob.qkv.weight, plain.blocks[1].attn.qkv.weight)
+    x, t, c = torch.randn(1, 4, 4, 6, 6), torch.full((1,), 0.5), cond(B=1, empty_row=False)
+    assert torch.equal(grown(x, t, c), plain(x, t, c))
+    grown.blocks[0].ada[-1].bias.data[-3 * 48:].normal_(0, 0.5)     # the global layer's gate opens
+    assert not torch.allclose(grown(x, t, c), plain(x, t, c), atol=1e-3)
