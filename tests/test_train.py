@@ -153,7 +153,8 @@ def test_image_step_fraction_and_determinism():
 
 def test_decoder_only_finetune_from_an_export(tmp_path):
     """vae.decoder_only + train.init_from (Video LDM's temporal decoder fine-tuning): training
-    starts from the export's weights, the encoder stays exactly as it was, the decoder moves."""
+    starts from the export's weights, the encoder stays exactly as it was, the decoder moves, and
+    the latent scale is the export's (the latents the later stages read do not change)."""
     from safetensors.torch import load_file
     from cascade.config import ConfigError
     from cascade.models.vae import VideoVAE
@@ -161,6 +162,7 @@ def test_decoder_only_finetune_from_an_export(tmp_path):
     base = load_config(REPO / "configs/tiny/vae.yaml", TINY_VAE + ["data.image_fraction=0.5"])
     torch.manual_seed(1)
     start = VideoVAE(base.vae).state_dict()
+    start["scaling_factor"].fill_(0.8125)                                  # no data's own 1 / std
     export(base, start, tmp_path / "init", {})
     cfg = load_config(REPO / "configs/tiny/vae.yaml", TINY_VAE + [
         "vae.decoder_only=true", f"train.init_from={tmp_path / 'init'}", "train.ema_decay=0.0",
@@ -170,6 +172,7 @@ def test_decoder_only_finetune_from_an_export(tmp_path):
     dec = [k for k in start if k.startswith("decoder.") and k.endswith("weight")]
     assert enc and all(torch.equal(out[k], start[k]) for k in enc)
     assert any(not torch.equal(out[k], start[k]) for k in dec)
+    assert float(out["scaling_factor"]) == 0.8125
     wide = load_config(REPO / "configs/tiny/vae.yaml", TINY_VAE + [
         "vae.channels=16", f"train.init_from={tmp_path / 'init'}", f"train.out_dir={tmp_path / 'w'}"])
     with pytest.raises(ValueError, match="train.init_from"):
