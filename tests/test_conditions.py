@@ -86,10 +86,15 @@ def test_loop_clips_wrap_around_and_are_given_first_and_last(assets):  # noqa: F
     mask = stage.prepare(batch, gens, "cpu")["frame_mask"][:, 0, :, 0, 0]   # (B, T)
     assert [kind_of(r) for r in mask] == ["none", "first_last", "none", "first_last"]
     part = SyntheticVideos(9, 32, 32, seed=3, fps=32, loops=1.0, loop_period=28)   # interp's clips
-    for i in range(10):
+    cut = moving = 0
+    for i in range(40):
         m = part.meta(i)
         if m["motion"] != "standing still":
             assert abs(abs(sum(m["velocity"])) - 32 / 28) < 1e-6           # a part of a 28-frame loop
+            v, moving = part[i]["video"], moving + 1                         # (3, T, H, W)
+            cut += bool(((v - v[:, :, :1, :1]).abs().amax(0)[:, :, [0, -1]] > 0.5).any() or
+                        ((v - v[:, :, :1, -1:]).abs().amax(0)[:, [0, -1]] > 0.5).any())
+    assert cut >= 0.6 * moving    # the object cut by the frame's edge (23 of 29; 9 from place's start)
     from cascade.config import load_config
     with pytest.raises(ConfigError, match="data.loops"):
         load_config(None, ["stage=base", "data.loops=1.5"])

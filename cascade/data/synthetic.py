@@ -186,18 +186,27 @@ def shape_sdf(shape: str, px: torch.Tensor, py: torch.Tensor, r: float) -> torch
     raise ValueError(f"unknown shape '{shape}'")
 
 
-def loop_place(meta: dict, frames: int, height: int, width: int, period: int = 0) -> dict:
+def loop_place(meta: dict, frames: int, height: int, width: int, period: int = 0,
+               rng: np.random.Generator | None = None) -> dict:
     """A placed clip (`place`) made a loop of `frames` frames: a moving object crosses the frame
     once over `period` frames (0: frames - 1) and wraps around (what leaves at one edge comes back
     at the other, `render`), so with the default period its last frame is its first, the frame
     the loop task gives twice; a standing object stays as it is. The only loop of an object moving
-    one way there is. A longer period than the clip: a part of a loop (the interp stage's clips)."""
+    one way there is. A longer period than the clip: a part of a loop (the interp stage's clips);
+    with `rng` it starts anywhere along its motion axis (a torus has no edge), so a part shows the
+    object cut by the frame's edge as often as the whole loop does (`place`'s start, kept away from
+    the edges, almost never let a short part reach them). A whole loop keeps `place`'s start: it
+    passes every position whatever its phase."""
     meta = dict(meta, loop=True)
     dx, dy = DIRECTIONS[meta["motion"]]
     period = period or frames - 1
     if (dx or dy) and period > 0:
         speed = (width if dx else height) / period
         meta.update(speed=speed, velocity=(speed * dx, speed * dy))
+        if rng is not None and period > frames - 1:                        # a part of a loop
+            x0, y0 = meta["start"]
+            along = float(rng.uniform(0, width if dx else height))
+            meta["start"] = (along, y0) if dx else (x0, along)
     return meta
 
 
@@ -260,8 +269,9 @@ class SyntheticVideos(Dataset):
     def _meta(self, index: int, T: int, H: int, W: int) -> dict:
         rng = np.random.default_rng((self.seed, index))
         meta = place(sample_meta(rng), rng, T, H, W, self.time_scale)
-        if self.loops and np.random.default_rng((self.seed, index, 0x100B)).random() < self.loops:
-            meta = loop_place(meta, T, H, W, self.loop_period)
+        loop_rng = np.random.default_rng((self.seed, index, 0x100B))
+        if self.loops and loop_rng.random() < self.loops:
+            meta = loop_place(meta, T, H, W, self.loop_period, loop_rng)
         return meta
 
     def __getitem__(self, index) -> dict:
