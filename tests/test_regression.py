@@ -36,8 +36,9 @@ weights/tiny-flow/base, checked by its own SHA256SUMS when it loads; the autogui
 tests/test_diffusion.py's and test_pipeline.py's). The weights and every other code path are the
 same; the default sampling itself is measured by `cascade eval` (docs/tiny-cascade.md).
 
-The reference was last rewritten on 2026-12-07 for the base with a global attention grown into
-it (dit.attention=global, docs/tiny-cascade.md); the bounds are the ones measured above.
+The reference was last rewritten on 2026-12-07 for the VAE decoder's stage 5 (trained on objects
+cut by the frame's edge), after the base with a global attention grown into it
+(dit.attention=global, docs/tiny-cascade.md); the bounds are the ones measured above.
 
 Regenerate the reference only when a change is meant to change the videos:
 
